@@ -1,0 +1,57 @@
+//! The emu backend: the CUDA kernel source (`cuda/*.cu`) compiled by the host C++ compiler and run by
+//! the SIMT emulator (`cuda/emu/`), on host memory. Launches are synchronous.
+//!
+//! Environment, read at each launch: `LK_EMU_ORDER=fwd|rev|rand`, `LK_EMU_SEED=<u64>`,
+//! `LK_EMU_WORKERS=<n>`, `LK_EMU_STRICT=0|1`; at build time `LK_EMU_SANITIZE=address`.
+
+use std::ptr;
+
+use super::{host, Backend};
+use crate::dtype::{DType, Element, Float};
+use crate::error::Result;
+use crate::ffi;
+use crate::shrink::ShrinkDense;
+
+/// The SIMT-emulator backend (host memory; f32/f16/bf16).
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Emu;
+
+impl Backend for Emu {
+    type Buffer<T: Element> = Vec<T>;
+
+    fn name(&self) -> &'static str {
+        "emu"
+    }
+    fn supports(&self, dtype: DType) -> bool {
+        dtype != DType::F64
+    }
+    fn alloc<T: Element>(&self, len: usize) -> Result<Vec<T>> {
+        host::alloc(len)
+    }
+    fn upload<T: Element>(&self, data: &[T]) -> Result<Vec<T>> {
+        Ok(data.to_vec())
+    }
+    fn download<T: Element>(&self, buf: &Vec<T>) -> Result<Vec<T>> {
+        Ok(buf.clone())
+    }
+    fn write<T: Element>(&self, buf: &mut Vec<T>, data: &[T]) -> Result<()> {
+        host::write(buf, data)
+    }
+    fn len<T: Element>(&self, buf: &Vec<T>) -> usize {
+        buf.len()
+    }
+    fn synchronize(&self) -> Result<()> {
+        Ok(())
+    }
+
+    unsafe fn shrink_dense_unchecked<TX: Float, TW: Float>(
+        &self,
+        x: &Vec<TX>,
+        a: &Vec<TW>,
+        u: &mut Vec<f32>,
+        s: &ShrinkDense,
+    ) -> Result<()> {
+        let p = s.ffi_params::<TX, TW>(x.as_ptr().cast(), a.as_ptr().cast(), u.as_mut_ptr());
+        ffi::EMU.call("shrink_dense", ffi::EMU.shrink_dense, &p, ptr::null_mut())
+    }
+}

@@ -1,0 +1,102 @@
+//! One API, three executions (DESIGN.md §1):
+//! - [`Cpu`]: plain Rust with f64 accumulation — the oracle every other backend is compared with;
+//! - [`Emu`]: the CUDA kernel source compiled by the host compiler and run by the SIMT emulator;
+//! - `Cuda` (feature `cuda`): the same source compiled by nvcc, on the GPU through cudarc.
+//!
+//! Backends own buffers, streams and the launch entry points. The safe, validating operations
+//! (e.g. [`crate::shrink::shrink_dense`]) are generic over [`Backend`], so one test or training loop
+//! runs on all three.
+
+mod cpu;
+#[cfg(feature = "cuda")]
+mod cuda;
+mod emu;
+
+pub use cpu::Cpu;
+#[cfg(feature = "cuda")]
+pub use cuda::Cuda;
+pub use emu::Emu;
+
+use crate::dtype::{DType, Element, Float};
+use crate::error::Result;
+use crate::shrink::ShrinkDense;
+
+/// A place kernels run. Buffers are typed; their length is in elements.
+pub trait Backend: Send + Sync {
+    type Buffer<T: Element>: Send + Sync;
+
+    /// `"cpu"`, `"emu"` or `"cuda"`.
+    fn name(&self) -> &'static str;
+    /// Whether this backend's kernels accept `dtype` (only the cpu backend takes f64).
+    fn supports(&self, dtype: DType) -> bool;
+
+    /// A zero-filled buffer of `len` elements.
+    fn alloc<T: Element>(&self, len: usize) -> Result<Self::Buffer<T>>;
+    fn upload<T: Element>(&self, data: &[T]) -> Result<Self::Buffer<T>>;
+    /// Copies the buffer to the host (waits for the work queued before it).
+    fn download<T: Element>(&self, buf: &Self::Buffer<T>) -> Result<Vec<T>>;
+    /// Overwrites the buffer with host data of the same length.
+    fn write<T: Element>(&self, buf: &mut Self::Buffer<T>, data: &[T]) -> Result<()>;
+    fn len<T: Element>(&self, buf: &Self::Buffer<T>) -> usize;
+    /// Waits for all queued work.
+    fn synchronize(&self) -> Result<()>;
+
+    /// Launches the dense shrink; [`crate::shrink::shrink_dense`] is the safe entry point.
+    ///
+    /// # Safety
+    /// `shape` must have been validated against the buffers' lengths and the dtypes against
+    /// [`Backend::supports`] (the kernel trusts them and reads/writes through raw pointers).
+    unsafe fn shrink_dense_unchecked<TX: Float, TW: Float>(
+        &self,
+        x: &Self::Buffer<TX>,
+        a: &Self::Buffer<TW>,
+        u: &mut Self::Buffer<f32>,
+        shape: &ShrinkDense,
+    ) -> Result<()>;
+}
+
+/// Which backend a program should use by default: cuda when built with it and a GPU is present,
+/// else cpu.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BackendKind {
+    Cpu,
+    Emu,
+    Cuda,
+}
+
+impl std::str::FromStr for BackendKind {
+    type Err = crate::Error;
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "cpu" => Ok(BackendKind::Cpu),
+            "emu" => Ok(BackendKind::Emu),
+            "cuda" => Ok(BackendKind::Cuda),
+            other => Err(crate::Error::invalid(
+                "backend",
+                "one of cpu, emu, cuda",
+                other,
+            )),
+        }
+    }
+}
+
+/// Host-memory buffer plumbing shared by the cpu and emu backends.
+pub(crate) mod host {
+    use super::*;
+
+    pub fn alloc<T: Element>(len: usize) -> Result<Vec<T>> {
+        Ok(vec![T::default(); len])
+    }
+
+    pub fn write<T: Element>(buf: &mut [T], data: &[T]) -> Result<()> {
+        if buf.len() != data.len() {
+            return Err(crate::Error::invalid(
+                "data",
+                format!("{} elements (the buffer's length)", buf.len()),
+                data.len(),
+            ));
+        }
+        buf.copy_from_slice(data);
+        Ok(())
+    }
+}

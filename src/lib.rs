@@ -1,0 +1,21 @@
+//! # lora-kernels
+//!
+//! Hand-written CUDA kernels for LoRA (`y = W x + s · B (A · dropout(x))`): training adapters and
+//! serving many at once. The same kernel source runs on three backends behind one API
+//! ([`backend::Backend`]): `cpu` (plain Rust, the oracle), `emu` (the CUDA source compiled by the
+//! host compiler and executed by a SIMT emulator) and `cuda` (the GPU, feature `cuda`).
+//!
+//! The C ABI (`cuda/lora_kernels.h`) exposes every launcher as `lk_cuda_*` and `lk_emu_*`.
+
+pub mod backend;
+pub mod dtype;
+pub mod error;
+pub mod ffi;
+pub mod ptxas;
+pub mod shrink;
+
+#[cfg(feature = "cuda")]
+pub use backend::Cuda;
+pub use backend::{Backend, BackendKind, Cpu, Emu};
+pub use dtype::{bf16, f16, DType, Element, Float};
+pub use error::{Error, KernelErrorKind, Result};
