@@ -6,7 +6,7 @@
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use lora_kernels::shrink::{shrink_dense, ShrinkDense};
-use lora_kernels::{f16, Backend, Cpu, Emu, Float};
+use lora_kernels::{f16, Backend, Cpu, Emu};
 
 fn bytes(s: &ShrinkDense, elem: usize) -> u64 {
     ((s.tokens * s.d_in + s.rank * s.d_in) * elem + s.tokens * s.rank * 4) as u64

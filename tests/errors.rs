@@ -17,12 +17,12 @@ fn invalid_arg(e: Error) -> &'static str {
 
 fn shrink_rejects<B: Backend>(b: &B) {
     let shape = ShrinkDense::new(4, 10, 3);
-    let x = b.upload(&vec![1.0f32; 40]).unwrap();
-    let a = b.upload(&vec![1.0f32; 30]).unwrap();
-    let short_x = b.upload(&vec![1.0f32; 39]).unwrap();
-    let short_a = b.upload(&vec![1.0f32; 29]).unwrap();
-    let mut u = b.upload(&vec![POISON; 12]).unwrap();
-    let mut short_u = b.upload(&vec![POISON; 11]).unwrap();
+    let x = b.upload(&[1.0f32; 40]).unwrap();
+    let a = b.upload(&[1.0f32; 30]).unwrap();
+    let short_x = b.upload(&[1.0f32; 39]).unwrap();
+    let short_a = b.upload(&[1.0f32; 29]).unwrap();
+    let mut u = b.upload(&[POISON; 12]).unwrap();
+    let mut short_u = b.upload(&[POISON; 11]).unwrap();
 
     assert_eq!(
         invalid_arg(shrink_dense(b, &short_x, &a, &mut u, &shape).unwrap_err()),
@@ -70,8 +70,8 @@ fn shrink_rejects<B: Backend>(b: &B) {
     );
 
     // x must be the weights' dtype or f32.
-    let x16 = b.upload(&vec![f16::ONE; 40]).unwrap();
-    let abf = b.upload(&vec![bf16::ONE; 30]).unwrap();
+    let x16 = b.upload(&[f16::ONE; 40]).unwrap();
+    let abf = b.upload(&[bf16::ONE; 30]).unwrap();
     match shrink_dense(b, &x16, &abf, &mut u, &shape).unwrap_err() {
         Error::UnsupportedDtype {
             arg: "x",
