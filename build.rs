@@ -213,11 +213,14 @@ fn build_emu(
     });
     println!("cargo:rustc-link-search=native={}", dir.display());
     println!("cargo:rustc-link-lib=static=lora_kernels_emu");
-    link_libstdcxx();
+    println!("cargo::rustc-check-cfg=cfg(lk_emu_asan)");
     if asan {
-        // gcc puts libasan first in the link when it drives the link with -fsanitize=address.
-        println!("cargo:rustc-link-arg=-fsanitize=address");
+        println!("cargo:rustc-cfg=lk_emu_asan");
+        // rustc links with -nodefaultlibs, so -fsanitize=address alone would not pull the runtime in;
+        // named before libstdc++ so that it comes first among the shared libraries.
+        println!("cargo:rustc-link-lib=dylib=asan");
     }
+    link_libstdcxx();
     println!("cargo:rustc-env=LK_EMU_LIB_DIR={}", dir.display());
 }
 

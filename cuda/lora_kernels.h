@@ -77,6 +77,11 @@ LK_LAUNCHERS(LK_DECLARE_EMU_LAUNCHER)
 const char* lk_cuda_last_error_message(void);
 const char* lk_emu_last_error_message(void);
 
+/* Emulator only: pins the thread schedule of launches made from the calling host thread, overriding
+ * LK_EMU_ORDER / LK_EMU_SEED (order "fwd", "rev" or "rand"); order = NULL returns to the environment's
+ * setting. Returns 0 or LK_ERR_INVALID_ARGUMENT. */
+int lk_emu_set_schedule(const char* order, uint64_t seed);
+
 #ifdef __cplusplus
 }
 #endif

@@ -16,6 +16,8 @@ pub mod shrink;
 
 #[cfg(feature = "cuda")]
 pub use backend::Cuda;
-pub use backend::{Backend, BackendKind, Cpu, Emu};
+pub use backend::{Backend, BackendKind, Cpu, Emu, Schedule};
+#[cfg(feature = "cuda")]
+pub use cudarc;
 pub use dtype::{bf16, f16, DType, Element, Float};
 pub use error::{Error, KernelErrorKind, Result};

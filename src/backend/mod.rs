@@ -15,7 +15,7 @@ mod emu;
 pub use cpu::Cpu;
 #[cfg(feature = "cuda")]
 pub use cuda::Cuda;
-pub use emu::Emu;
+pub use emu::{Emu, Schedule};
 
 use crate::dtype::{DType, Element, Float};
 use crate::error::Result;
