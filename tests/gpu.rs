@@ -4,6 +4,7 @@
 
 mod common;
 
+use common::selftest::*;
 use common::*;
 use libtest_mimic::{Arguments, Completion, Failed, Trial};
 use lora_kernels::shrink::{shrink_dense, ShrinkDense};
@@ -46,6 +47,12 @@ fn main() {
         ),
         ("shrink_dense_deterministic", shrink_deterministic),
         ("shrink_dense_rejects_bad_input", shrink_rejects_bad_input),
+        ("emu_golden_warp_ops_bit_exact", golden_warp_ops),
+        ("emu_golden_reduce", golden_reduce),
+        ("emu_golden_matmul", golden_matmul),
+        ("emu_golden_mma_gemm_f16", golden_mma::<f16>),
+        ("emu_golden_mma_gemm_bf16", golden_mma::<bf16>),
+        ("launch_error_is_reported", launch_error_is_reported),
     ];
     let trials = tests
         .iter()
@@ -171,4 +178,129 @@ fn shrink_rejects_bad_input(dev: &Cuda) -> Result<(), Failed> {
         after.iter().all(|v| v.to_bits() == POISON.to_bits()),
         || "output changed on error".into(),
     )
+}
+
+// ---- the emulator's golden test: the self-test kernels on the GPU and on the emulator -----------
+
+/// Integer shuffles and votes: GPU = emulator = the PTX-definition reference, bit for bit. This is
+/// the hardware check of the emulator's shuffle/vote semantics.
+fn golden_warp_ops(dev: &Cuda) -> Result<(), Failed> {
+    let (blocks, bt) = (4, 128);
+    let mut r = rng(21);
+    let input: Vec<i32> = (0..blocks * bt)
+        .map(|_| rand::Rng::random_range(&mut r, -(1 << 20)..(1 << 20)))
+        .collect();
+    let gpu = run_warp_ops(dev, &input, blocks, bt).map_err(err)?;
+    let emu = run_warp_ops(&Emu, &input, blocks, bt).map_err(err)?;
+    let reference = warp_ops_reference(&input, blocks, bt);
+    for (i, ((g, e), w)) in gpu.iter().zip(&emu).zip(&reference).enumerate() {
+        let (thread, slot) = (i / WARP_OPS_OUTPUTS, i % WARP_OPS_OUTPUTS);
+        check(g == e && g == w, || {
+            format!("thread {thread} output {slot}: gpu {g:#x}, emu {e:#x}, reference {w:#x}")
+        })?;
+    }
+    Ok(())
+}
+
+fn golden_reduce(dev: &Cuda) -> Result<(), Failed> {
+    for (rows, n, bt) in [(3, 1000, 256), (2, 4099, 1024), (4, 33, 32)] {
+        let mut r = rng(n as u64);
+        let x: Vec<f32> = random_vec(&mut r, rows * n);
+        let gpu = run_reduce(dev, &x, rows, n, bt).map_err(err)?;
+        let emu = run_reduce(&Emu, &x, rows, n, bt).map_err(err)?;
+        // Same order of f32 additions on both (the kernel contains no multiply to contract).
+        check(
+            gpu.iter()
+                .map(|v| v.to_bits())
+                .eq(emu.iter().map(|v| v.to_bits())),
+            || format!("reduce {rows}x{n}: gpu {gpu:?} emu {emu:?}"),
+        )?;
+    }
+    Ok(())
+}
+
+fn golden_matmul(dev: &Cuda) -> Result<(), Failed> {
+    let (m, n, k) = (77, 45, 70);
+    let mut r = rng(77);
+    let a: Vec<f32> = random_vec(&mut r, m * k);
+    let b: Vec<f32> = random_vec(&mut r, k * n);
+    let gpu = run_matmul(dev, &a, &b, m, n, k).map_err(err)?;
+    let emu = run_matmul(&Emu, &a, &b, m, n, k).map_err(err)?;
+    for i in 0..m * n {
+        let (row, col) = (i / n, i % n);
+        let abs: f64 = (0..k)
+            .map(|p| (a[row * k + p] as f64 * b[p * n + col] as f64).abs())
+            .sum();
+        // nvcc may contract the multiply-add into an FMA; the emulator's g++ build does not.
+        let tol = 2.0 * dot_tolerance(k, 1, 0, abs);
+        check((gpu[i] as f64 - emu[i] as f64).abs() <= tol, || {
+            format!("C[{row},{col}]: gpu {} emu {}", gpu[i], emu[i])
+        })?;
+    }
+    Ok(())
+}
+
+fn golden_mma<T: Float>(dev: &Cuda) -> Result<(), Failed> {
+    let dtype = T::DTYPE.ffi_tag().unwrap();
+    for (m, n, k) in [(16, 16, 16), (64, 32, 48), (128, 96, 256)] {
+        let mut r = rng((m * 7 + n * 3 + k) as u64);
+        let a: Vec<T> = random_vec(&mut r, m * k);
+        let b: Vec<T> = random_vec(&mut r, k * n);
+        let bits = |v: &[T]| -> Vec<u16> { v.iter().map(|x| half_bits(*x)).collect() };
+        for narrow in [false, true] {
+            let gpu =
+                run_mma_gemm(dev, &bits(&a), &bits(&b), m, n, k, dtype, narrow).map_err(err)?;
+            let emu =
+                run_mma_gemm(&Emu, &bits(&a), &bits(&b), m, n, k, dtype, narrow).map_err(err)?;
+            for i in 0..m * n {
+                let (row, col) = (i / n, i % n);
+                let abs: f64 = (0..k)
+                    .map(|p| (a[row * k + p].to_f64() * b[p * n + col].to_f64()).abs())
+                    .sum();
+                // Tensor cores round (and may truncate) inside a k-step; allow one f32 rounding per term.
+                let tol = dot_tolerance(k, 1, 0, abs);
+                check((gpu[i] as f64 - emu[i] as f64).abs() <= tol, || {
+                    format!("{} {m}x{n}x{k} narrow {narrow} C[{row},{col}]: gpu {} emu {} (fragment layout?)", T::DTYPE, gpu[i], emu[i])
+                })?;
+            }
+        }
+    }
+    Ok(())
+}
+
+fn half_bits<T: Float>(x: T) -> u16 {
+    match T::DTYPE {
+        lora_kernels::DType::BF16 => bf16::from_f64(x.to_f64()).to_bits(),
+        _ => f16::from_f64(x.to_f64()).to_bits(),
+    }
+}
+
+/// A launch the GPU refuses (a block of 2048 threads) is a CUDA error code with a message, and the
+/// next launch works.
+fn launch_error_is_reported(dev: &Cuda) -> Result<(), Failed> {
+    let mut count = dev.alloc::<u32>(1).map_err(err)?;
+    let mut p = lora_kernels::ffi::sys::LkSelftestLaunchConfigParams {
+        count: dev.ptr_mut(&mut count).cast(),
+        grid: [1, 1, 1],
+        block: [2048, 1, 1],
+        smem_bytes: 0,
+        raise_smem_limit: 0,
+    };
+    let code =
+        unsafe { lora_kernels::ffi::sys::lk_cuda_selftest_launch_config(&p, Target::stream(dev)) };
+    check(code != 0 && code < 10000, || {
+        format!("expected a CUDA error code, got {code}")
+    })?;
+    check(dev.last_error().contains("launch"), || {
+        format!("message: {}", dev.last_error())
+    })?;
+    p.block = [256, 1, 1];
+    p.grid = [3, 1, 1];
+    let code =
+        unsafe { lora_kernels::ffi::sys::lk_cuda_selftest_launch_config(&p, Target::stream(dev)) };
+    check(code == 0, || {
+        format!("a valid launch after an invalid one failed: {code}")
+    })?;
+    let n = dev.download(&count).map_err(err)?;
+    check(n == [768], || format!("count {n:?}, want 768"))
 }
