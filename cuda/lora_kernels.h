@@ -63,8 +63,172 @@ typedef struct LkShrinkDenseParams {
   int32_t w_dtype; /* LkDtype */
 } LkShrinkDenseParams;
 
+/* =============================================================================================
+ * Multi-adapter serving (DESIGN.md §2). Shared pieces first.
+ * ============================================================================================= */
+
+/* One LoRA weight pair of one (adapter, slice); the table is indexed adapter * n_slices + slice.
+ *   a: [rank, d_in] row-major, row stride lda >= d_in       (dtype: the launch's w_dtype)
+ *   b: [n_s, rank]  row-major, row stride ldb >= rank       (n_s: the slice's width)
+ * rank = 0: this adapter does not target this slice (no work, contributes zero).
+ * An entry with rank < 0, rank > r_cap, or a null a/b with rank > 0 is invalid: tokens using it are
+ * skipped and LK_FAULT_TABLE_ENTRY is set. Adapters of different ranks live in their own allocations:
+ * no memory and no work is spent on padding up to r_cap. */
+typedef struct LkAdapterEntry {
+  const void* a;
+  const void* b;
+  int64_t lda;
+  int64_t ldb;
+  int32_t rank;
+  float scale; /* alpha / rank, or alpha / sqrt(rank) with rsLoRA; applied once, in expand */
+} LkAdapterEntry;
+
+/* Output columns [offset, offset + n) of out belong to a slice (e.g. Llama-3 q/k/v: 4096/1024/1024). */
+typedef struct LkSlice {
+  int32_t n;
+  int32_t offset;
+} LkSlice;
+
+#define LK_MAX_SLICES 8
+
+/* Expand modes. */
+enum { LK_EXPAND_ADD = 0, LK_EXPAND_OVERWRITE = 1 };
+
+/* Error word bits (a uint32 the caller zeroes; kernels atomically OR bits in and never clear them). */
+enum {
+  LK_FAULT_ADAPTER_ID = 1u << 0,  /* a token's adapter id < -1 or >= n_adapters: token skipped */
+  LK_FAULT_TABLE_ENTRY = 1u << 1, /* a used table entry is invalid (see LkAdapterEntry): token skipped */
+  LK_FAULT_SEGMENTS = 1u << 2,    /* SGMV metadata invalid: the whole launch wrote nothing */
+  LK_FAULT_ROW_INDEX = 1u << 3    /* SGMV row_index entry outside [0, tokens): the whole launch wrote nothing */
+};
+
+/* ---------------------------------------------------------------------------------------------
+ * BGMV (decode): one adapter id per token, tokens in any order.
+ *   shrink: u[s, t, 0:rank] = x[t, :] · A(id[t], s)ᵀ            (f32, unscaled)
+ *   expand: out[t, off_s : off_s + n_s] (+)= scale(id[t], s) · u[s, t, 0:rank] · B(id[t], s)ᵀ
+ * u is f32 [n_slices, tokens, r_cap] (element (s, t, j) at (s * tokens + t) * r_cap + j); its columns
+ * [rank, r_cap) are unspecified and never read. Tokens with id -1 are untouched (u and out).
+ * x: [tokens, d_in] (ld_x), out: [tokens, ld_out]; x/out dtype = the weights' dtype or LK_F32.
+ * --------------------------------------------------------------------------------------------- */
+typedef struct LkBgmvShrinkParams {
+  const void* x;
+  float* u;
+  const LkAdapterEntry* table;  /* device array [n_adapters * n_slices] */
+  const int32_t* token_adapter; /* device array [tokens] */
+  uint32_t* error_word;         /* device; null = no reporting */
+  int64_t ld_x;
+  int32_t tokens;
+  int32_t d_in;
+  int32_t n_adapters;
+  int32_t n_slices;
+  int32_t r_cap;
+  int32_t x_dtype;
+  int32_t w_dtype;
+} LkBgmvShrinkParams;
+
+typedef struct LkBgmvExpandParams {
+  const float* u;
+  void* out;
+  const LkAdapterEntry* table;
+  const int32_t* token_adapter;
+  uint32_t* error_word;
+  int64_t ld_out;
+  LkSlice slices[LK_MAX_SLICES];
+  int32_t tokens;
+  int32_t n_adapters;
+  int32_t n_slices;
+  int32_t r_cap;
+  int32_t out_dtype;
+  int32_t w_dtype;
+  int32_t mode; /* LK_EXPAND_ADD or LK_EXPAND_OVERWRITE */
+} LkBgmvExpandParams;
+
+/* ---------------------------------------------------------------------------------------------
+ * SGMV (prefill): positions 0..tokens of a row order row_index (null = identity) form segments
+ * [seg_starts[i], seg_starts[i+1]) sharing adapter seg_adapter[i] (-1 = none), i < *n_segments.
+ * Position p reads x[row_index[p]] and writes u[s, row_index[p], :] / out[row_index[p]], so u and out
+ * are indexed by the original token, exactly as for BGMV. If the metadata is invalid anywhere
+ * (*n_segments > max_segments or < 0, seg_starts not non-decreasing or outside [0, tokens], an adapter
+ * id out of range, a row_index entry outside [0, tokens)) the whole launch writes nothing and sets
+ * LK_FAULT_SEGMENTS (or LK_FAULT_ROW_INDEX). f16/bf16 run on tensor cores (mma.sync), f32 on FMA.
+ * Launchers that need scratch take `workspace` of lk_<backend>_sgmv_*_workspace_size(p) bytes.
+ * --------------------------------------------------------------------------------------------- */
+typedef struct LkSgmvShrinkParams {
+  const void* x;
+  float* u;
+  const LkAdapterEntry* table;
+  const int32_t* row_index;   /* [tokens] or null */
+  const int32_t* seg_starts;  /* [max_segments + 1] */
+  const int32_t* seg_adapter; /* [max_segments] */
+  const int32_t* n_segments;  /* device scalar */
+  uint32_t* error_word;
+  void* workspace;
+  int64_t ld_x;
+  int32_t tokens;
+  int32_t max_segments;
+  int32_t d_in;
+  int32_t n_adapters;
+  int32_t n_slices;
+  int32_t r_cap;
+  int32_t x_dtype;
+  int32_t w_dtype;
+} LkSgmvShrinkParams;
+
+typedef struct LkSgmvExpandParams {
+  const float* u;
+  void* out;
+  const LkAdapterEntry* table;
+  const int32_t* row_index;
+  const int32_t* seg_starts;
+  const int32_t* seg_adapter;
+  const int32_t* n_segments;
+  uint32_t* error_word;
+  void* workspace;
+  int64_t ld_out;
+  LkSlice slices[LK_MAX_SLICES];
+  int32_t tokens;
+  int32_t max_segments;
+  int32_t n_adapters;
+  int32_t n_slices;
+  int32_t r_cap;
+  int32_t out_dtype;
+  int32_t w_dtype;
+  int32_t mode;
+} LkSgmvExpandParams;
+
+/* The planner: per-token adapter ids → a stable sort of the tokens by adapter (row_index) and the SGMV
+ * segments, on the device, graph-safe. Segments are in increasing adapter id, one per adapter present
+ * (tokens with id -1 form no segment and are left out of row_index's first *n_segments segments: they
+ * are placed after the last segment). Ids outside [-1, n_adapters) are treated as -1 and flagged
+ * (LK_FAULT_ADAPTER_ID). max_segments must be >= min(tokens, n_adapters). */
+typedef struct LkSgmvPlanParams {
+  const int32_t* token_adapter; /* [tokens] */
+  int32_t* row_index;           /* out [tokens] */
+  int32_t* seg_starts;          /* out [max_segments + 1] */
+  int32_t* seg_adapter;         /* out [max_segments] */
+  int32_t* n_segments;          /* out, device scalar */
+  uint32_t* error_word;
+  void* workspace;
+  int32_t tokens;
+  int32_t n_adapters;
+  int32_t max_segments;
+} LkSgmvPlanParams;
+
+size_t lk_cuda_sgmv_shrink_workspace_size(const LkSgmvShrinkParams* p);
+size_t lk_emu_sgmv_shrink_workspace_size(const LkSgmvShrinkParams* p);
+size_t lk_cuda_sgmv_expand_workspace_size(const LkSgmvExpandParams* p);
+size_t lk_emu_sgmv_expand_workspace_size(const LkSgmvExpandParams* p);
+size_t lk_cuda_sgmv_plan_workspace_size(const LkSgmvPlanParams* p);
+size_t lk_emu_sgmv_plan_workspace_size(const LkSgmvPlanParams* p);
+
 /* The one list of launchers: X(symbol suffix, params type). Both prefixed sets are declared from it. */
-#define LK_LAUNCHERS(X) X(shrink_dense, LkShrinkDenseParams)
+#define LK_LAUNCHERS(X)                     \
+  X(shrink_dense, LkShrinkDenseParams)      \
+  X(bgmv_shrink, LkBgmvShrinkParams)        \
+  X(bgmv_expand, LkBgmvExpandParams)        \
+  X(sgmv_shrink, LkSgmvShrinkParams)        \
+  X(sgmv_expand, LkSgmvExpandParams)        \
+  X(sgmv_plan, LkSgmvPlanParams)
 
 #define LK_DECLARE_CUDA_LAUNCHER(name, params) int lk_cuda_##name(const params* p, void* stream);
 #define LK_DECLARE_EMU_LAUNCHER(name, params) int lk_emu_##name(const params* p, void* stream);
