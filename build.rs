@@ -174,6 +174,9 @@ fn build_emu(
         "-Wextra",
         "-Wno-unknown-pragmas",
         "-Wno-unused-parameter",
+        // Probe every page of a large frame: a frame bigger than a fiber stack's guard then hits the
+        // guard (LK_ERR_EMU_STACK_OVERFLOW) instead of jumping over it into a neighbour's stack.
+        "-fstack-clash-protection",
     ]
     .iter()
     .map(|s| s.to_string())

@@ -36,7 +36,7 @@ enum {
   LK_ERR_EMU_LAUNCH_CONFIG = 10100, /* block > 1024 threads, grid x > 2^31-1 or y/z > 65535, smem limits */
   LK_ERR_EMU_BARRIER = 10101,       /* __syncthreads reached at different call sites (strict mode) */
   LK_ERR_EMU_DEADLOCK = 10102,      /* no thread can make progress */
-  LK_ERR_EMU_WARP = 10103,          /* warp collective misuse: lane not in mask, exited lane, divergence */
+  LK_ERR_EMU_WARP = 10103,          /* warp collective misuse: lane not in its mask, mismatched collectives */
   LK_ERR_EMU_STACK_OVERFLOW = 10104,/* a thread overflowed its fiber stack */
   LK_ERR_EMU_ASYNC_COPY = 10105,    /* cp.async misuse (copies never waited for, bad size/alignment) */
   LK_ERR_EMU_INTERNAL = 10106       /* the emulator itself failed (mmap, thread creation) */
@@ -72,7 +72,8 @@ typedef struct LkShrinkDenseParams {
  *   b: [n_s, rank]  row-major, row stride ldb >= rank       (n_s: the slice's width)
  * rank = 0: this adapter does not target this slice (no work, contributes zero).
  * An entry with rank < 0, rank > r_cap, or a null a/b with rank > 0 is invalid: tokens using it are
- * skipped and LK_FAULT_TABLE_ENTRY is set. Adapters of different ranks live in their own allocations:
+ * skipped in that slice (their u and out columns of the slice untouched) and LK_FAULT_TABLE_ENTRY is
+ * set. Adapters of different ranks live in their own allocations:
  * no memory and no work is spent on padding up to r_cap. */
 typedef struct LkAdapterEntry {
   const void* a;

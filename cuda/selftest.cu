@@ -289,12 +289,19 @@ extern "C" int LK_SYMBOL(selftest_bug_missing_barrier)(const LkSelftestBugParams
                 p->fixed);
 }
 
-/* A full-mask shuffle that only lanes 0..15 execute. */
+/* A full-mask shuffle that only lanes 0..15 execute, while lanes 16..31 execute a full-mask ballot: the
+ * lanes of the mask meet at collectives of different kinds, which never complete on the GPU (a hang or
+ * undefined results). (Had lanes 16..31 simply exited, it would be legal: shfl.sync waits only for the
+ * non-exited lanes of its mask, and reading an exited lane is merely undefined.) */
 __global__ void selftest_bug_divergent_shuffle_kernel(const float* __restrict__ x, float* __restrict__ out, int n) {
   const int i = static_cast<int>(blockIdx.x * blockDim.x + threadIdx.x);
   const int lane = static_cast<int>(threadIdx.x & 31u);
   float v = i < n ? x[i] : 0.0f;
-  if (lane < 16) v = __shfl_sync(0xffffffffu, v, lane + 16);
+  if (lane < 16) {
+    v = __shfl_sync(0xffffffffu, v, lane + 16);
+  } else {
+    v = static_cast<float>(__ballot_sync(0xffffffffu, v > 0.0f));
+  }
   if (i < n) out[i] = v;
 }
 

@@ -20,7 +20,8 @@
  *   selftest_bug_missing_barrier  out[i] = 2·x[i-1] (2·x[0] for i = 0) within blocks of block_threads,
  *                       read from shared memory a neighbour wrote, without __syncthreads unless fixed != 0:
  *                       correct under forward order, wrong under reverse and random orders.
- *   selftest_bug_divergent_shuffle  a full-mask __shfl_sync inside `if (lane < 16)` → LK_ERR_EMU_WARP.
+ *   selftest_bug_divergent_shuffle  a full-mask __shfl_sync inside `if (lane < 16)` while lanes 16..31
+ *                       run a full-mask __ballot_sync → LK_ERR_EMU_WARP.
  *   selftest_bug_barrier_sites      __syncthreads at two call sites in if/else → LK_ERR_EMU_BARRIER (strict).
  *   selftest_bug_missing_cp_async_wait  cp.async into shared memory read without cp_async_wait: reads
  *                       poison, then LK_ERR_EMU_ASYNC_COPY at thread exit.

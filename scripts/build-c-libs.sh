@@ -18,7 +18,8 @@ pids=()
 wait_all() { local p; for p in "${pids[@]}"; do wait "$p"; done; pids=(); }
 cp "$root/cuda/lora_kernels.h" "$out/include/"
 
-cxxflags=(-std=c++17 -O2 -g -fPIC -DLK_BACKEND_EMU -Wall -Wextra -Wno-unknown-pragmas -Wno-unused-parameter -I"$root/cuda")
+# -fstack-clash-protection: a frame larger than a fiber stack's guard pages probes them instead of jumping over.
+cxxflags=(-std=c++17 -O2 -g -fPIC -DLK_BACKEND_EMU -fstack-clash-protection -Wall -Wextra -Wno-unknown-pragmas -Wno-unused-parameter -I"$root/cuda")
 objs=()
 for f in "$root"/cuda/emu/*.cpp; do
   o="$out/obj/emu/$(basename "$f" .cpp).runtime.o"

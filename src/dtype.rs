@@ -66,7 +66,8 @@ pub trait DeviceRepr {}
 #[cfg(not(feature = "cuda"))]
 impl<T> DeviceRepr for T {}
 
-/// A type a backend buffer can hold: the float types, and i32/u32 for indices and error words.
+/// A type a backend buffer can hold: the float types; i32/u32 for indices and error words; u8 for
+/// workspaces; u64 for tables of C structs.
 pub trait Element:
     sealed::Sealed + Copy + Default + Debug + PartialEq + Send + Sync + 'static + DeviceRepr
 {
@@ -88,7 +89,7 @@ macro_rules! element {
         impl Element for $t {}
     )*};
 }
-element!(f32, f64, f16, bf16, i32, u32);
+element!(f32, f64, f16, bf16, i32, u32, u8, u64);
 
 impl Float for f32 {
     const DTYPE: DType = DType::F32;

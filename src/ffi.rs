@@ -3,6 +3,7 @@
 
 use std::ffi::{c_char, c_int, c_void, CStr};
 
+use crate::backend::Backend;
 use crate::error::{Error, KernelErrorKind, Result};
 
 /// Generated declarations. Every launcher takes `(const Params*, void* stream)` and returns 0 or an
@@ -18,19 +19,36 @@ pub mod sys {
     include!(concat!(env!("OUT_DIR"), "/bindings.rs"));
 }
 
-type Launcher<P> = unsafe extern "C" fn(*const P, *mut c_void) -> c_int;
+pub type Launcher<P> = unsafe extern "C" fn(*const P, *mut c_void) -> c_int;
+pub type WorkspaceSize<P> = unsafe extern "C" fn(*const P) -> usize;
 
 /// One backend's entry points (names only; the layouts come from bindgen).
 pub struct Launchers {
     pub backend: &'static str,
     pub last_error_message: unsafe extern "C" fn() -> *const c_char,
     pub shrink_dense: Launcher<sys::LkShrinkDenseParams>,
+    pub bgmv_shrink: Launcher<sys::LkBgmvShrinkParams>,
+    pub bgmv_expand: Launcher<sys::LkBgmvExpandParams>,
+    pub sgmv_shrink: Launcher<sys::LkSgmvShrinkParams>,
+    pub sgmv_expand: Launcher<sys::LkSgmvExpandParams>,
+    pub sgmv_plan: Launcher<sys::LkSgmvPlanParams>,
+    pub sgmv_shrink_workspace_size: WorkspaceSize<sys::LkSgmvShrinkParams>,
+    pub sgmv_expand_workspace_size: WorkspaceSize<sys::LkSgmvExpandParams>,
+    pub sgmv_plan_workspace_size: WorkspaceSize<sys::LkSgmvPlanParams>,
 }
 
 pub static EMU: Launchers = Launchers {
     backend: "emu",
     last_error_message: sys::lk_emu_last_error_message,
     shrink_dense: sys::lk_emu_shrink_dense,
+    bgmv_shrink: sys::lk_emu_bgmv_shrink,
+    bgmv_expand: sys::lk_emu_bgmv_expand,
+    sgmv_shrink: sys::lk_emu_sgmv_shrink,
+    sgmv_expand: sys::lk_emu_sgmv_expand,
+    sgmv_plan: sys::lk_emu_sgmv_plan,
+    sgmv_shrink_workspace_size: sys::lk_emu_sgmv_shrink_workspace_size,
+    sgmv_expand_workspace_size: sys::lk_emu_sgmv_expand_workspace_size,
+    sgmv_plan_workspace_size: sys::lk_emu_sgmv_plan_workspace_size,
 };
 
 #[cfg(feature = "cuda")]
@@ -38,6 +56,14 @@ pub static CUDA: Launchers = Launchers {
     backend: "cuda",
     last_error_message: sys::lk_cuda_last_error_message,
     shrink_dense: sys::lk_cuda_shrink_dense,
+    bgmv_shrink: sys::lk_cuda_bgmv_shrink,
+    bgmv_expand: sys::lk_cuda_bgmv_expand,
+    sgmv_shrink: sys::lk_cuda_sgmv_shrink,
+    sgmv_expand: sys::lk_cuda_sgmv_expand,
+    sgmv_plan: sys::lk_cuda_sgmv_plan,
+    sgmv_shrink_workspace_size: sys::lk_cuda_sgmv_shrink_workspace_size,
+    sgmv_expand_workspace_size: sys::lk_cuda_sgmv_expand_workspace_size,
+    sgmv_plan_workspace_size: sys::lk_cuda_sgmv_plan_workspace_size,
 };
 
 impl Launchers {
@@ -68,4 +94,19 @@ impl Launchers {
             message,
         })
     }
+}
+
+/// Launches `launcher(params)` on `backend`'s stream.
+///
+/// # Safety
+/// As [`Launchers::call`]: every pointer in `params` valid for the sizes it states.
+pub(crate) unsafe fn launch<B: Backend, P>(
+    backend: &B,
+    launchers: &Launchers,
+    op: &'static str,
+    launcher: Launcher<P>,
+    params: &P,
+) -> Result<()> {
+    backend.prepare_launch()?;
+    launchers.call(op, launcher, params, backend.raw_stream())
 }

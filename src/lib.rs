@@ -6,12 +6,18 @@
 //! host compiler and executed by a SIMT emulator) and `cuda` (the GPU, feature `cuda`).
 //!
 //! The C ABI (`cuda/lora_kernels.h`) exposes every launcher as `lk_cuda_*` and `lk_emu_*`.
+//!
+//! The README follows (its Rust examples are compiled and run as doc tests).
+#![doc = include_str!("../README.md")]
 
+pub mod adapter;
 pub mod backend;
+pub mod bgmv;
 pub mod dtype;
 pub mod error;
 pub mod ffi;
 pub mod ptxas;
+pub mod sgmv;
 pub mod shrink;
 
 #[cfg(feature = "cuda")]

@@ -162,6 +162,49 @@ pub fn shrink_dense<B: Backend, TX: Float, TW: Float>(
     if shape.tokens == 0 || shape.rank == 0 {
         return Ok(());
     }
+    let Some(launchers) = backend.launchers() else {
+        let (x, a) = (
+            backend.host_slice(x).expect("host buffer"),
+            backend.host_slice(a).expect("host buffer"),
+        );
+        let u = backend.host_slice_mut(u).expect("host buffer");
+        reference::shrink_dense(x, a, u, shape);
+        return Ok(());
+    };
+    let p = shape.ffi_params::<TX, TW>(
+        backend.raw_ptr(x),
+        backend.raw_ptr(a),
+        backend.raw_ptr_mut(u).cast(),
+    );
     // SAFETY: dtypes and every buffer length were checked against `shape` just above.
-    unsafe { backend.shrink_dense_unchecked(x, a, u, shape) }
+    unsafe {
+        crate::ffi::launch(
+            backend,
+            launchers,
+            "shrink_dense",
+            launchers.shrink_dense,
+            &p,
+        )
+    }
+}
+
+/// The plain-Rust reference (the cpu backend's kernel): f64 accumulation, one rounding to f32.
+pub mod reference {
+    use super::ShrinkDense;
+    use crate::dtype::Float;
+
+    pub fn shrink_dense<TX: Float, TW: Float>(x: &[TX], a: &[TW], u: &mut [f32], s: &ShrinkDense) {
+        for t in 0..s.tokens {
+            let x_row = &x[t * s.ld_x..t * s.ld_x + s.d_in];
+            for j in 0..s.rank {
+                let a_row = &a[j * s.lda..j * s.lda + s.d_in];
+                let acc: f64 = x_row
+                    .iter()
+                    .zip(a_row)
+                    .map(|(&xv, &av)| xv.to_f64() * av.to_f64())
+                    .sum();
+                u[t * s.ld_u + j] = acc as f32;
+            }
+        }
+    }
 }

@@ -5,6 +5,7 @@
 mod common;
 
 use common::selftest::*;
+use common::serving::*;
 use common::*;
 use libtest_mimic::{Arguments, Completion, Failed, Trial};
 use lora_kernels::shrink::{shrink_dense, ShrinkDense};
@@ -53,6 +54,31 @@ fn main() {
         ("emu_golden_mma_gemm_f16", golden_mma::<f16>),
         ("emu_golden_mma_gemm_bf16", golden_mma::<bf16>),
         ("launch_error_is_reported", launch_error_is_reported),
+        ("bgmv_f16_llama3_qkv", |d| {
+            bgmv_case::<f16, f16, f16>(d, 4096, &[4096, 1024, 1024], 64, 1)
+        }),
+        ("bgmv_bf16_odd_sizes", |d| {
+            bgmv_case::<bf16, bf16, bf16>(d, 4097, &[17, 3, 127], 33, 2)
+        }),
+        ("bgmv_f32", |d| {
+            bgmv_case::<f32, f32, f32>(d, 1031, &[515, 100], 256, 3)
+        }),
+        ("bgmv_f32_x_f16_w_f32_out", |d| {
+            bgmv_case::<f32, f16, f32>(d, 4096, &[1024], 17, 4)
+        }),
+        ("sgmv_f16_llama3_qkv_prefill", |d| {
+            sgmv_case::<f16, f16, f16>(d, 4096, &[4096, 1024, 1024], 512, 5)
+        }),
+        ("sgmv_bf16_odd_sizes", |d| {
+            sgmv_case::<bf16, bf16, bf16>(d, 4097, &[17, 3, 127], 300, 6)
+        }),
+        ("sgmv_f32", |d| {
+            sgmv_case::<f32, f32, f32>(d, 515, &[257], 129, 7)
+        }),
+        ("sgmv_f32_x_bf16_w_bf16_out", |d| {
+            sgmv_case::<f32, bf16, bf16>(d, 2048, &[512, 256], 200, 8)
+        }),
+        ("serving_cuda_graph_replay_bit_identical", cuda_graph_replay),
     ];
     let trials = tests
         .iter()
@@ -303,4 +329,199 @@ fn launch_error_is_reported(dev: &Cuda) -> Result<(), Failed> {
     })?;
     let n = dev.download(&count).map_err(err)?;
     check(n == [768], || format!("count {n:?}, want 768"))
+}
+
+// ---- serving kernels --------------------------------------------------------------------------
+
+fn serving_scenario<TW: Float>(
+    d_in: usize,
+    widths: &[usize],
+    tokens: usize,
+    seed: u64,
+) -> Scenario {
+    let mut r = rng(seed);
+    let n_adapters = 12;
+    let ids = random_ids(&mut r, tokens, n_adapters, Popularity::Zipf, 0.1);
+    Scenario::random::<TW>(&mut r, d_in, widths, n_adapters, &[0, 8, 16, 64, 128], ids)
+}
+
+/// Panics inside the shared checkers become test failures.
+fn catching(f: impl FnOnce() + std::panic::UnwindSafe) -> Result<(), Failed> {
+    std::panic::catch_unwind(f).map_err(|e| {
+        let msg = e
+            .downcast_ref::<String>()
+            .cloned()
+            .or_else(|| e.downcast_ref::<&str>().map(|s| s.to_string()));
+        Failed::from(msg.unwrap_or_else(|| "panic".into()))
+    })
+}
+
+fn bgmv_case<TX: Float, TW: Float, TO: Float>(
+    dev: &Cuda,
+    d_in: usize,
+    widths: &[usize],
+    tokens: usize,
+    seed: u64,
+) -> Result<(), Failed> {
+    let sc = serving_scenario::<TW>(d_in, widths, tokens, seed);
+    let dev = std::panic::AssertUnwindSafe(dev);
+    catching(move || {
+        for mode in [
+            lora_kernels::adapter::ExpandMode::Add,
+            lora_kernels::adapter::ExpandMode::Overwrite,
+        ] {
+            let first = run_bgmv::<Cuda, TX, TW, TO>(&dev, &sc, seed, mode);
+            let again = run_bgmv::<Cuda, TX, TW, TO>(&dev, &sc, seed, mode);
+            assert!(
+                first
+                    .0
+                    .iter()
+                    .zip(&again.0)
+                    .all(|(a, b)| a.to_bits() == b.to_bits()),
+                "bgmv shrink not deterministic"
+            );
+        }
+    })
+}
+
+fn sgmv_case<TX: Float, TW: Float, TO: Float>(
+    dev: &Cuda,
+    d_in: usize,
+    widths: &[usize],
+    tokens: usize,
+    seed: u64,
+) -> Result<(), Failed> {
+    let sc = serving_scenario::<TW>(d_in, widths, tokens, seed);
+    let dev = std::panic::AssertUnwindSafe(dev);
+    catching(move || {
+        for mode in [
+            lora_kernels::adapter::ExpandMode::Add,
+            lora_kernels::adapter::ExpandMode::Overwrite,
+        ] {
+            run_sgmv_planned::<Cuda, TX, TW, TO>(&dev, &sc, seed, mode);
+        }
+    })
+}
+
+/// Planner + SGMV shrink/expand + BGMV shrink/expand captured in one CUDA graph and replayed: the
+/// same bits as the eager launches (nothing in a launch syncs, allocates or reads device memory
+/// on the host).
+fn cuda_graph_replay(dev: &Cuda) -> Result<(), Failed> {
+    use lora_kernels::adapter::ExpandMode;
+    use lora_kernels::bgmv::Bgmv;
+    use lora_kernels::cudarc::driver::sys::{CUgraphInstantiate_flags, CUstreamCaptureMode};
+    use lora_kernels::cudarc::driver::CudaSlice;
+    use lora_kernels::sgmv::{Sgmv, SgmvPlan};
+    let (d_in, tokens) = (1024, 96);
+    let sc = serving_scenario::<f16>(d_in, &[512, 128], tokens, 9);
+    let bufs = sc.upload::<Cuda, f16>(dev);
+    let table = sc.table(dev, &bufs);
+    let r_cap = table.r_cap();
+    let x: Vec<f16> = random_vec(&mut rng(9), tokens * d_in);
+    let xb = dev.upload(&x).map_err(err)?;
+    let ids = dev.upload(&sc.ids).map_err(err)?;
+    let n_adapters = sc.n_adapters;
+    let mut plan = SgmvPlan::alloc(dev, tokens, tokens.min(n_adapters)).map_err(err)?;
+    let mut plan_ws = dev
+        .alloc::<u8>(plan.plan_workspace_bytes(dev, &ids, n_adapters).max(1))
+        .map_err(err)?;
+    let u_len = 2 * tokens * r_cap;
+    let width = sc.out_width;
+    let u_s = dev.upload(&vec![0.0f32; u_len]).map_err(err)?;
+    let u_b = dev.upload(&vec![0.0f32; u_len]).map_err(err)?;
+    let out_s = dev.upload(&vec![f16::ZERO; tokens * width]).map_err(err)?;
+    let out_b = dev.upload(&vec![f16::ZERO; tokens * width]).map_err(err)?;
+    let errw = dev.upload(&[0u32]).map_err(err)?;
+    // Workspace sizes depend only on host-known sizes: query them before capture.
+    plan.plan(dev, &ids, n_adapters, &mut plan_ws, None)
+        .map_err(err)?;
+    let ws_len = {
+        let s = Sgmv::new(&table, &plan);
+        s.shrink_workspace_bytes::<f16>(dev, d_in)
+            .max(s.expand_workspace_bytes::<f16>(dev, width, ExpandMode::Overwrite))
+            .max(1)
+    };
+    let ws = dev.alloc::<u8>(ws_len).map_err(err)?;
+    struct State {
+        plan_ws: CudaSlice<u8>,
+        ws: CudaSlice<u8>,
+        u_s: CudaSlice<f32>,
+        u_b: CudaSlice<f32>,
+        out_s: CudaSlice<f16>,
+        out_b: CudaSlice<f16>,
+        errw: CudaSlice<u32>,
+    }
+    let mut st = State {
+        plan_ws,
+        ws,
+        u_s,
+        u_b,
+        out_s,
+        out_b,
+        errw,
+    };
+    let step =
+        |dev: &Cuda, plan: &mut SgmvPlan<Cuda>, st: &mut State| -> lora_kernels::Result<()> {
+            plan.plan(dev, &ids, n_adapters, &mut st.plan_ws, Some(&mut st.errw))?;
+            let s = Sgmv::new(&table, plan);
+            s.shrink(dev, &xb, d_in, &mut st.u_s, &mut st.ws, Some(&mut st.errw))?;
+            s.expand(
+                dev,
+                &st.u_s,
+                &mut st.out_s,
+                width,
+                ExpandMode::Overwrite,
+                &mut st.ws,
+                Some(&mut st.errw),
+            )?;
+            let bg = Bgmv::new(dev, &table, &ids, tokens)?;
+            bg.shrink(dev, &xb, d_in, &mut st.u_b, Some(&mut st.errw))?;
+            bg.expand(
+                dev,
+                &st.u_b,
+                &mut st.out_b,
+                width,
+                ExpandMode::Overwrite,
+                Some(&mut st.errw),
+            )
+        };
+    step(dev, &mut plan, &mut st).map_err(err)?;
+    let eager = (
+        dev.download(&st.out_s).map_err(err)?,
+        dev.download(&st.out_b).map_err(err)?,
+    );
+    dev.write(&mut st.out_s, &vec![f16::NAN; tokens * width])
+        .map_err(err)?;
+    dev.write(&mut st.out_b, &vec![f16::NAN; tokens * width])
+        .map_err(err)?;
+    dev.synchronize().map_err(err)?;
+    let stream = dev.stream().clone();
+    stream
+        .begin_capture(CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)
+        .map_err(|e| Failed::from(e.to_string()))?;
+    let captured = step(dev, &mut plan, &mut st);
+    let graph = stream
+        .end_capture(CUgraphInstantiate_flags(0))
+        .map_err(|e| Failed::from(e.to_string()))?;
+    captured.map_err(err)?;
+    let graph = graph.ok_or_else(|| Failed::from("empty graph"))?;
+    for _ in 0..3 {
+        graph.launch().map_err(|e| Failed::from(e.to_string()))?;
+    }
+    dev.synchronize().map_err(err)?;
+    let replay = (
+        dev.download(&st.out_s).map_err(err)?,
+        dev.download(&st.out_b).map_err(err)?,
+    );
+    let errw = st.errw;
+    let bits = |v: &[f16]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+    check(bits(&eager.0) == bits(&replay.0), || {
+        "SGMV: graph replay differs from eager".into()
+    })?;
+    check(bits(&eager.1) == bits(&replay.1), || {
+        "BGMV: graph replay differs from eager".into()
+    })?;
+    check(dev.download(&errw).map_err(err)?[0] == 0, || {
+        "error word set".into()
+    })
 }

@@ -84,7 +84,7 @@ fn shapes() -> impl Strategy<Value = ShrinkDense> {
 }
 
 proptest! {
-    #![proptest_config(proptest_config(24))]
+    #![proptest_config(proptest_config(64))]
 
     #[test]
     fn emu_f32_matches_reference(shape in shapes(), seed in any::<u64>()) {

@@ -3,27 +3,58 @@
  *
  * Model (DESIGN.md §3):
  *  - One fiber per CUDA thread; all fibers of a block run on one OS thread (a "worker"); a worker runs
- *    one block at a time. Blocks are taken from a shared atomic counter by LK_EMU_WORKERS workers (the
- *    calling thread is worker 0). The first error stops the other workers taking blocks; the launch
- *    returns it and its message lands in the calling thread's error_message().
+ *    one block at a time. Blocks are taken from a per-launch atomic counter by up to LK_EMU_WORKERS
+ *    workers (default min(cores, 4), clamped to 64): the calling thread plus helper threads from a
+ *    process-wide pool that is created lazily and reused by every launch of every host thread (no thread
+ *    is created per launch). The calling thread always runs blocks of its own launch, so concurrent launches
+ *    from many host threads all progress even when every helper is busy. The first error stops the other
+ *    workers taking blocks; the launch returns it and its message lands in the calling thread's
+ *    error_message().
  *  - Scheduling is cooperative: a fiber runs until it blocks (__syncthreads, a warp collective) or exits;
  *    then the next runnable fiber is chosen by LK_EMU_ORDER (fwd: lowest linear id, rev: highest,
- *    rand: uniform, seeded by LK_EMU_SEED and the linear block id). Spin-waits on memory never yield and
- *    therefore hang (no preemption).
+ *    rand: uniform, seeded by LK_EMU_SEED and the linear block id). lk_emu_set_schedule() overrides both
+ *    per host thread (they are then not even parsed). Spin-waits on memory never yield and therefore hang
+ *    (no preemption).
  *  - __syncthreads releases when every live thread is at a barrier (exited threads count as arrived).
  *    LK_EMU_STRICT=1 (default) also requires one call site per barrier episode.
- *  - Warp collectives: each lane posts its operands and blocks; the last lane of the mask computes for all.
- *    Lanes of one warp waiting at collectives with the same mask must be at the same one (kind, call site,
- *    operands); two pending collectives each waiting for lanes blocked in the other are an error; a lane
- *    named by a pending collective may not exit or reach __syncthreads; masks may name only existing, live
- *    lanes not waiting at __syncthreads; mma/ldmatrix take the full warp. Misuse → LK_ERR_EMU_WARP.
- *    Nothing runnable → LK_ERR_EMU_DEADLOCK (the message lists who waits where).
+ *  - Warp collectives: each lane posts its operands and blocks; the lane completing the group computes for
+ *    all. As PTX shfl.sync / vote.sync / bar.warp.sync (sm_70+), a collective waits only for the non-exited
+ *    lanes of its mask (the lanes a partial last warp lacks count as exited): it completes when the lanes
+ *    that arrived are mask & ~exited & existing, also when the last awaited lane exits instead of arriving.
+ *    Exited lanes contribute 0 to ballot/any, __all_sync looks at the participating lanes only, and a shuffle
+ *    reading an exited lane or a lane outside the mask gets poison (~0). mma.sync and ldmatrix (.aligned)
+ *    take all 32 lanes: an exited or missing lane there is an error. Also errors: a calling lane not in its
+ *    own mask; lanes of one warp waiting at collectives with the same mask must be at the same one (kind,
+ *    call site, operands); two pending collectives each waiting for lanes blocked in the other; a lane named
+ *    by a pending collective reaching __syncthreads, or a mask naming lanes waiting at __syncthreads.
+ *    Misuse → LK_ERR_EMU_WARP. Nothing runnable → LK_ERR_EMU_DEADLOCK (the message lists who waits where).
  *  - cp.async copies queue per thread and land at the matching wait; the destination reads 0xFF until
- *    then. Dynamic shared memory is 0xFF at every block start.
- *  - Stacks: 64 KiB mmap'd per fiber with PROT_NONE guard pages, pooled; a guard-page hit prints
- *    "lk emu: stack overflow in block (x,y,z) thread (x,y,z)" and _exit(134)s (the process cannot go on).
+ *    then. A thread exiting with copies never waited for is LK_ERR_EMU_ASYNC_COPY in strict mode (the
+ *    default); LK_EMU_STRICT=0 drops them. Dynamic shared memory is 0xFF at every block start.
+ *  - Stacks: 64 KiB mmap'd per fiber with 16 KiB of PROT_NONE guard below, kept per worker across launches;
+ *    when more than kStackCacheCap stacks are mapped process-wide after a launch, the worker unmaps its own
+ *    (each stack is 2 of vm.max_map_count's 65530 mappings), and a helper joins a launch only while the
+ *    process stays under kHelperStackBudget. Emulator code is compiled with -fstack-clash-protection, so a
+ *    frame larger than the guard probes it rather than jumping over it into a neighbour. A guard-page hit
+ *    by the running fiber is caught by the SIGSEGV handler (on an alternate stack), which restores the
+ *    signal mask and switches to the worker's scheduler context as fail() does: the launch returns
+ *    LK_ERR_EMU_STACK_OVERFLOW ("stack overflow in block (x,y,z) thread (x,y,z)") and the process goes on
+ *    (unless the overflow happened inside a libc call holding a lock). Any other SIGSEGV is passed to the
+ *    previous handler or the default action (ASan reports, core dumps).
  *  - x86-64: hand-written context switch (callee-saved registers, MXCSR, x87 control word); elsewhere (or
  *    with -DLK_EMU_FORCE_UCONTEXT) ucontext. ASan builds annotate every switch.
+ *
+ * Blind spots (what the emulator does NOT check or model):
+ *  - Static __shared__ is `static thread_local` (emu.cuh): it is not poisoned between blocks, ASan does not
+ *    see overruns inside it (only past the whole TLS block), and it does not count toward the shared-memory
+ *    limit; only dynamic shared memory is poisoned and limited.
+ *  - The shared-memory limit is sm_90's 227 KiB per block; sm_80 allows only 163 KiB (sm_86/89: 99 KiB), so
+ *    a launch the emulator accepts can fail on an older GPU.
+ *  - float atomicAdd always flushes subnormal inputs and results to zero, as the PTX ISA specifies for
+ *    global-memory atom.add.f32; whether a shared-memory float atomic on a given GPU does the same has not
+ *    been verified here (kernels relying on subnormal sums are suspect either way).
+ *  - Memory is sequentially consistent and fibers switch only at barriers/collectives: races without a
+ *    barrier show up only as schedule-dependent results, and memory-ordering bugs (missing fences) do not.
  */
 #include <errno.h>
 #include <pthread.h>
@@ -33,9 +64,12 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/mman.h>
+#include <ucontext.h> /* also for the interrupted stack pointer in the SIGSEGV handler */
 #include <unistd.h>
 
+#include <algorithm>
 #include <atomic>
+#include <condition_variable>
 #include <mutex>
 #include <new>
 #include <string>
@@ -48,7 +82,6 @@
 
 #if !defined(__x86_64__) || defined(LK_EMU_FORCE_UCONTEXT)
 #define LK_EMU_UCONTEXT 1
-#include <ucontext.h>
 #else
 #define LK_EMU_UCONTEXT 0
 #endif
@@ -147,6 +180,10 @@ constexpr size_t kGuardSize = 16 * 1024; /* a few pages: frames larger than one 
 constexpr size_t kDefaultSmemLimit = 48 * 1024;
 constexpr size_t kMaxSmem = 227 * 1024;
 constexpr int kMaxThreads = 1024;
+constexpr uint64_t kMaxWorkers = 64;     /* LK_EMU_WORKERS is clamped to this */
+/* Fiber stacks take 2 mappings each (guard + stack) out of vm.max_map_count (65530 by default). */
+constexpr size_t kStackCacheCap = 4096;     /* stacks kept mapped process-wide when idle (after a launch) */
+constexpr size_t kHelperStackBudget = 16384; /* a helper joins a launch only if mapped stacks stay below this */
 constexpr int kMaxWarps = kMaxThreads / 32;
 
 enum Order { ORDER_FWD, ORDER_REV, ORDER_RAND };
@@ -231,6 +268,10 @@ struct Launch {
   std::mutex mu;
   int err = 0;
   std::string msg;
+  /* guarded by the helper pool's mutex */
+  int want = 0;    /* helper slots still open (the launch is in the pool's queue while > 0) */
+  int helpers = 0; /* helpers working on it */
+  std::condition_variable helpers_done;
 };
 
 struct Worker {
@@ -350,8 +391,8 @@ bool ctx_init(Fiber* f) {
 #if LK_EMU_UCONTEXT
     __asan_unpoison_memory_region(s.lo, static_cast<size_t>(s.hi - s.lo));
 #else
-    char* from = static_cast<char*>(f->ctx.sp) - 512;
-    if (from < s.lo || from > s.hi) from = s.lo;
+    char* const sp = static_cast<char*>(f->ctx.sp);
+    char* const from = sp && sp > s.lo + 512 && sp <= s.hi ? sp - 512 : s.lo; /* null: an overflow */
     __asan_unpoison_memory_region(from, static_cast<size_t>(s.hi - from));
 #endif
   }
@@ -386,6 +427,8 @@ bool ctx_init(Fiber* f) {
   return true;
 }
 
+std::atomic<size_t> g_stacks{0}; /* fiber stacks mapped, process-wide */
+
 bool stack_alloc(Stack& s) {
   const size_t total = kGuardSize + kStackSize;
   void* p = mmap(nullptr, total, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
@@ -397,7 +440,16 @@ bool stack_alloc(Stack& s) {
   s.map = static_cast<char*>(p);
   s.lo = s.map + kGuardSize;
   s.hi = s.lo + kStackSize;
-  return true;
+  return true; /* the caller counts it in g_stacks */
+}
+
+void stack_free(Stack& s) {
+#if LK_EMU_ASAN
+  __asan_unpoison_memory_region(s.lo, kStackSize); /* the next mapping at this address starts clean */
+#endif
+  munmap(s.map, kGuardSize + kStackSize);
+  s = Stack{};
+  g_stacks.fetch_sub(1, std::memory_order_relaxed);
 }
 
 /* ---------------------------------------------------------------------------------------------- */
@@ -507,24 +559,67 @@ const Group* pending_naming(Worker* w, const Fiber* f) {
   return nullptr;
 }
 
+/* The lanes a collective with this mask waits for: PTX shfl.sync / vote.sync / bar.warp.sync wait only for
+ * the non-exited threads of membermask (the lanes a partial last warp lacks count as exited). */
+inline uint32_t group_need(const Warp& wp, uint32_t mask) { return mask & wp.exists & ~wp.exited; }
+
+inline bool is_aligned_kind(int kind) { return kind == K_MMA_F16 || kind == K_MMA_BF16 || kind == K_LDMATRIX; }
+
+void compute_group(Worker* w, Warp& wp, const Group& g);
+
+/* Removes pending group i (complete) from its warp, computes it and makes its waiting lanes runnable. */
+void complete_group(Worker* w, uint32_t warp, int i) {
+  Warp& wp = w->warps[warp];
+  const Group done = wp.groups[i];
+  wp.groups[i] = wp.groups[--wp.ngroups];
+  compute_group(w, wp, done);
+  const Fiber* cur = w->cur;
+  uint32_t m = done.arrived;
+  while (m) {
+    const int l = __builtin_ctz(m);
+    m &= m - 1;
+    Fiber* o = &w->fibers[warp * 32 + static_cast<uint32_t>(l)];
+    if (o == cur) continue; /* the caller: runnable already */
+    o->state = F_RUN;
+    set_runnable(w, o);
+  }
+}
+
 [[noreturn]] void thread_exit(Worker* w) {
   Fiber* f = w->cur;
-  if (!f->copies.empty()) {
+  if (!f->copies.empty() && w->L->strict) {
     const Copy& c = f->copies.front();
     fail(w, LK_ERR_EMU_ASYNC_COPY,
-         "thread exited with %zu cp.async copies never waited for (the first issued at %s:%d; %s)", f->copies.size(),
-         c.file, c.line, c.group < f->commits ? "committed but no cp_async_wait covered it" : "never committed");
+         "thread exited with %zu cp.async copies never waited for (the first issued at %s:%d; %s; strict mode: "
+         "LK_EMU_STRICT=0 allows it)",
+         f->copies.size(), c.file, c.line,
+         c.group < f->commits ? "committed but no cp_async_wait covered it" : "never committed");
   }
-  if (const Group* g = pending_naming(w, f)) {
-    fail(w, LK_ERR_EMU_WARP, "thread exited while lanes 0x%08x of its warp wait for it at %s (%s:%d, mask 0x%08x)",
-         g->arrived, kKindName[g->kind], g->file, g->line, g->mask);
+  f->copies.clear();
+  Warp& wp = w->warps[f->warp];
+  const uint32_t bit = 1u << f->lane;
+  for (int i = 0; i < wp.ngroups; ++i) {
+    const Group& g = wp.groups[i];
+    if ((g.mask & bit) && is_aligned_kind(g.kind))
+      fail(w, LK_ERR_EMU_WARP,
+           "thread exited while lanes 0x%08x of its warp wait for it at %s (%s:%d; .aligned: all 32 lanes must "
+           "execute it)",
+           g.arrived, kKindName[g.kind], g.file, g.line);
   }
   f->state = F_DONE;
   clear_runnable(w, f);
-  w->warps[f->warp].exited |= 1u << f->lane;
+  wp.exited |= bit;
   --w->nlive;
+  /* Collectives waiting for this lane now wait only for the others: complete those that are full. */
+  for (int i = 0; i < wp.ngroups;) {
+    const Group& g = wp.groups[i];
+    if ((g.mask & bit) && g.arrived == group_need(wp, g.mask))
+      complete_group(w, f->warp, i); /* moves the last group to i: look at i again */
+    else
+      ++i;
+  }
   if (w->bar_arrived > 0 && w->bar_arrived == w->nlive) release_barrier(w);
-  if (w->warps[f->warp].am_waiting) resolve_activemask(w, f->warp);
+  if (wp.am_waiting) resolve_activemask(w, f->warp);
   Fiber* next = pick(w);
   if (!next) {
     if (w->nlive == 0) {
@@ -552,8 +647,6 @@ void fiber_entry(Fiber* f) {
 
 /* ---------------------------------------------------------------------------------------------- */
 /* Warp collectives. The caller has filled its slot; returns once the collective completed. */
-void compute_group(Worker* w, Warp& wp, const Group& g);
-
 void collective(Worker* w, int kind, uint32_t mask, int extra, const char* file, int line) {
   Fiber* f = w->cur;
   Warp& wp = w->warps[f->warp];
@@ -562,14 +655,11 @@ void collective(Worker* w, int kind, uint32_t mask, int extra, const char* file,
   if (!(mask & bit))
     fail(w, LK_ERR_EMU_WARP, "%s (%s:%d) with mask 0x%08x that does not include the calling lane", name, file, line,
          mask);
-  if (mask & ~wp.exists)
+  if (is_aligned_kind(kind) && (wp.exists != 0xffffffffu || wp.exited))
     fail(w, LK_ERR_EMU_WARP,
-         "%s (%s:%d) with mask 0x%08x names lanes that do not exist (0x%08x; the block has %d threads, the warp's "
-         "lanes are 0x%08x)",
-         name, file, line, mask, mask & ~wp.exists, w->nthreads, wp.exists);
-  if (mask & wp.exited)
-    fail(w, LK_ERR_EMU_WARP, "%s (%s:%d) with mask 0x%08x names lanes that have exited (0x%08x)", name, file, line,
-         mask, mask & wp.exited);
+         "%s (%s:%d) in a warp whose lanes 0x%08x have exited or do not exist (.aligned: all 32 lanes must execute "
+         "it)",
+         name, file, line, ~wp.exists | wp.exited);
   if (mask & wp.at_bar)
     fail(w, LK_ERR_EMU_WARP,
          "%s (%s:%d) with mask 0x%08x names lanes waiting at __syncthreads (0x%08x): divergent warp", name, file, line,
@@ -578,9 +668,11 @@ void collective(Worker* w, int kind, uint32_t mask, int extra, const char* file,
    * with different, overlapping masks may coexist (a lane can be behind, e.g. sequential divergent
    * branches); only a definite cycle is reported here, anything longer is found as a deadlock. */
   Group* g = nullptr;
+  int gi = -1;
   for (int i = 0; i < wp.ngroups; ++i)
     if (wp.groups[i].mask == mask) {
       g = &wp.groups[i];
+      gi = i;
       break;
     }
   if (g) {
@@ -596,41 +688,30 @@ void collective(Worker* w, int kind, uint32_t mask, int extra, const char* file,
     }
     g->arrived |= bit;
   } else {
-    g = &wp.groups[wp.ngroups++];
+    gi = wp.ngroups++;
+    g = &wp.groups[gi];
     *g = Group{mask, bit, kind, extra, file, line};
   }
-  if (g->arrived != g->mask) {
-    for (int i = 0; i < wp.ngroups; ++i) {
-      const Group& o = wp.groups[i];
-      if (&o != g && (g->arrived & o.mask) && (o.arrived & g->mask))
-        fail(w, LK_ERR_EMU_WARP,
-             "divergent warp: lanes 0x%08x wait at %s (%s:%d, mask 0x%08x) for lanes 0x%08x that wait at %s (%s:%d, "
-             "mask 0x%08x) for them",
-             g->arrived, kKindName[g->kind], g->file, g->line, g->mask, o.arrived & g->mask, kKindName[o.kind], o.file,
-             o.line, o.mask);
-    }
-  }
-  if (g->arrived == g->mask) {
-    const Group done = *g;
-    *g = wp.groups[--wp.ngroups];
-    compute_group(w, wp, done);
-    uint32_t m = done.mask & ~bit;
-    while (m) {
-      const int l = __builtin_ctz(m);
-      m &= m - 1;
-      Fiber* o = &w->fibers[f->warp * 32 + static_cast<uint32_t>(l)];
-      o->state = F_RUN;
-      set_runnable(w, o);
-    }
+  if (g->arrived == group_need(wp, mask)) {
+    complete_group(w, f->warp, gi);
     reschedule(w);
-  } else {
-    f->state = F_WARP;
-    f->wkind = kind;
-    f->wfile = file;
-    f->wline = line;
-    clear_runnable(w, f);
-    reschedule(w);
+    return;
   }
+  for (int i = 0; i < wp.ngroups; ++i) {
+    const Group& o = wp.groups[i];
+    if (&o != g && (g->arrived & o.mask) && (o.arrived & g->mask))
+      fail(w, LK_ERR_EMU_WARP,
+           "divergent warp: lanes 0x%08x wait at %s (%s:%d, mask 0x%08x) for lanes 0x%08x that wait at %s (%s:%d, "
+           "mask 0x%08x) for them",
+           g->arrived, kKindName[g->kind], g->file, g->line, g->mask, o.arrived & g->mask, kKindName[o.kind], o.file,
+           o.line, o.mask);
+  }
+  f->state = F_WARP;
+  f->wkind = kind;
+  f->wfile = file;
+  f->wline = line;
+  clear_runnable(w, f);
+  reschedule(w);
 }
 
 inline int shfl_src(int kind, int lane, int b, int width) {
@@ -674,28 +755,29 @@ void compute_group(Worker* w, Warp& wp, const Group& g) {
     case K_SHFL_UP:
     case K_SHFL_DOWN:
     case K_SHFL_XOR: {
-      uint32_t m = g.mask;
+      uint32_t m = g.arrived; /* the participating lanes: in the mask, existing, not exited */
       while (m) {
         const int l = __builtin_ctz(m);
         m &= m - 1;
         Slot& s = wp.slot[l];
         const int src = shfl_src(g.kind, l, s.arg, s.width);
-        /* a source lane outside the mask is undefined on hardware: poison */
-        wp.slot[l].out = ((g.mask >> src) & 1u) ? wp.slot[src].in : ~0ull;
+        /* a source lane outside the mask or exited is undefined on hardware: poison */
+        wp.slot[l].out = ((g.arrived >> src) & 1u) ? wp.slot[src].in : ~0ull;
       }
       break;
     }
     case K_BALLOT:
     case K_ANY:
     case K_ALL: {
-      uint32_t ballot = 0, m = g.mask;
+      /* exited lanes contribute 0; __all_sync considers the participating lanes only */
+      uint32_t ballot = 0, m = g.arrived;
       while (m) {
         const int l = __builtin_ctz(m);
         m &= m - 1;
         if (wp.slot[l].in) ballot |= 1u << l;
       }
-      const uint64_t r = g.kind == K_BALLOT ? ballot : g.kind == K_ANY ? (ballot != 0) : (ballot == g.mask);
-      m = g.mask;
+      const uint64_t r = g.kind == K_BALLOT ? ballot : g.kind == K_ANY ? (ballot != 0) : (ballot == g.arrived);
+      m = g.arrived;
       while (m) {
         const int l = __builtin_ctz(m);
         m &= m - 1;
@@ -773,7 +855,6 @@ int run_block(Worker* w, uint64_t b) {
                   static_cast<unsigned>(b / (gx * gy))};
   blockIdx = w->bidx;
   const int n = static_cast<int>(L->nthreads);
-  if (static_cast<int>(w->fibers.size()) < n) w->fibers.resize(static_cast<size_t>(n));
   w->nthreads = n;
   w->nlive = n;
   w->nwarps = (n + 31) / 32;
@@ -795,13 +876,7 @@ int run_block(Worker* w, uint64_t b) {
   }
   const unsigned bx = L->block.x, by = L->block.y;
   for (int i = 0; i < n; ++i) {
-    Fiber& f = w->fibers[static_cast<size_t>(i)];
-    if (!f.stack.map && !stack_alloc(f.stack)) {
-      w->err = LK_ERR_EMU_INTERNAL;
-      snprintf(w->msg, sizeof w->msg, "lk emu: mmap of a %zu KiB fiber stack failed: %s", kStackSize / 1024,
-               strerror(errno));
-      return w->err;
-    }
+    Fiber& f = w->fibers[static_cast<size_t>(i)]; /* its stack was mapped by worker_loop */
     const unsigned u = static_cast<unsigned>(i);
     f.tid = uint3{u % bx, (u / bx) % by, u / (bx * by)};
     f.linear = u;
@@ -837,22 +912,42 @@ int run_block(Worker* w, uint64_t b) {
 struct sigaction g_old_segv;
 std::once_flag g_sig_once;
 
+/* True if a fault at address a, with the interrupted stack pointer sp (null if unknown), is f overflowing its
+ * stack: a hit in its guard, or (a frame that skipped the guard, code built without
+ * -fstack-clash-protection) a hit just below it with sp below the stack. */
+bool is_overflow(const Fiber* f, const char* a, const char* sp) {
+  if (!f->stack.map) return false;
+  if (a >= f->stack.map && a < f->stack.lo) return true;
+  return sp && sp < f->stack.lo && sp >= f->stack.map - 65536 && a >= f->stack.map - 65536 && a < f->stack.map;
+}
+
 void segv_handler(int sig, siginfo_t* si, void* uc) {
   Worker* w = tl_w;
   if (w && w->cur) {
-    const Fiber* f = w->cur;
+    Fiber* f = w->cur;
     const char* a = static_cast<const char*>(si->si_addr);
-    if (f->stack.map && a >= f->stack.map - 65536 && a < f->stack.lo) {
-      char buf[256];
-      const int n = snprintf(buf, sizeof buf,
-                             "lk emu: stack overflow in block (%u,%u,%u) thread (%u,%u,%u) (fiber stacks are %zu KiB; "
-                             "LK_ERR_EMU_STACK_OVERFLOW)\n",
-                             w->bidx.x, w->bidx.y, w->bidx.z, f->tid.x, f->tid.y, f->tid.z, kStackSize / 1024);
-      if (n > 0) {
-        ssize_t r = write(2, buf, static_cast<size_t>(n) < sizeof buf ? static_cast<size_t>(n) : sizeof buf - 1);
-        (void)r;
-      }
-      _exit(134);
+    const char* sp = nullptr;
+#if defined(__x86_64__) && defined(REG_RSP)
+    if (uc) sp = reinterpret_cast<const char*>(static_cast<ucontext_t*>(uc)->uc_mcontext.gregs[REG_RSP]);
+#endif
+    if (is_overflow(f, a, sp)) {
+      /* A fault raised by the fiber's own code (a function prologue or a stack probe): abandon the block as
+       * fail() does. We leave the handler by switching to the worker's scheduler context (the signal frame
+       * on the alternate stack is abandoned; the kernel sees we are no longer on it), so first restore the
+       * signal mask from before the fault: SIGSEGV must not stay blocked. Not "safe" if the overflow hit
+       * inside a libc call holding a lock (printf from a kernel); then the next use of that lock hangs. */
+      snprintf(w->msg, sizeof w->msg,
+               "lk emu: stack overflow in block (%u,%u,%u) thread (%u,%u,%u) [warp %u lane %u]: fiber stacks are %zu "
+               "KiB (large per-thread arrays belong in shared or global memory)",
+               w->bidx.x, w->bidx.y, w->bidx.z, f->tid.x, f->tid.y, f->tid.z, f->warp, f->lane, kStackSize / 1024);
+      w->err = LK_ERR_EMU_STACK_OVERFLOW;
+      if (uc) pthread_sigmask(SIG_SETMASK, &static_cast<ucontext_t*>(uc)->uc_sigmask, nullptr);
+      Ctx abandoned;
+#if !LK_EMU_UCONTEXT
+      f->ctx.sp = nullptr; /* ASan: unpoison the whole stack when it is reused */
+#endif
+      switch_to(w, &abandoned, &w->main, true);
+      __builtin_unreachable();
     }
   }
   if (g_old_segv.sa_flags & SA_SIGINFO) {
@@ -949,27 +1044,78 @@ void release_worker(Worker* w) {
   g_pool->push_back(w);
 }
 
-void worker_loop(Worker* w, Launch* L) {
+/* Maps stacks for the first n fibers of w; false if mmap fails (vm.max_map_count, address space) or, for a
+ * helper (!owner), if that would take the process past kHelperStackBudget: the launching thread always
+ * gets its stacks, helpers join only while mappings are plentiful. */
+bool ensure_stacks(Worker* w, int n, bool owner) {
+  if (static_cast<int>(w->fibers.size()) < n) w->fibers.resize(static_cast<size_t>(n));
+  size_t missing = 0;
+  for (int i = 0; i < n; ++i) missing += w->fibers[static_cast<size_t>(i)].stack.map ? 0 : 1;
+  if (!missing) return true;
+  const size_t before = g_stacks.fetch_add(missing, std::memory_order_relaxed); /* reserve */
+  if (!owner && before + missing > kHelperStackBudget) {
+    g_stacks.fetch_sub(missing, std::memory_order_relaxed);
+    return false;
+  }
+  for (int i = 0; i < n; ++i) {
+    Fiber& f = w->fibers[static_cast<size_t>(i)];
+    if (f.stack.map) continue;
+    if (!stack_alloc(f.stack)) {
+      g_stacks.fetch_sub(missing, std::memory_order_relaxed); /* the reservations not used */
+      return false;
+    }
+    --missing;
+  }
+  return true;
+}
+
+/* After a launch: while more than kStackCacheCap stacks are mapped process-wide, unmap this worker's
+ * (from the highest thread index down), so that idle workers do not pin vm.max_map_count. */
+void trim_stacks(Worker* w) {
+  for (size_t i = w->fibers.size(); i-- > 0;) {
+    if (g_stacks.load(std::memory_order_relaxed) <= kStackCacheCap) return;
+    Fiber& f = w->fibers[i];
+    if (!f.stack.map) continue;
+    stack_free(f.stack);
+    f.used = false;
+  }
+}
+
+/* Runs blocks of L until none is left or an error stopped the launch. owner: the launching thread (its
+ * failure to set up is the launch's error; a helper that cannot set up just leaves the blocks to others). */
+void worker_loop(Worker* w, Launch* L, bool owner) {
+  auto setup_failed = [&](const char* what) {
+    if (!owner) return;
+    std::lock_guard<std::mutex> lk(L->mu);
+    if (!L->err) {
+      L->err = LK_ERR_EMU_INTERNAL;
+      char buf[256];
+      snprintf(buf, sizeof buf, "lk emu: %s: %s", what, strerror(errno));
+      L->msg = buf;
+    }
+    L->stop.store(true);
+  };
+  if (L->stop.load(std::memory_order_relaxed) || L->next.load(std::memory_order_relaxed) >= L->total) return;
   tl_altstack.ensure();
+  if (!ensure_stacks(w, static_cast<int>(L->nthreads), owner)) {
+    setup_failed("mmap of a 64 KiB fiber stack failed");
+    trim_stacks(w);
+    return;
+  }
+  unsigned char* smem = nullptr;
+  if (L->smem) {
+    smem = static_cast<unsigned char*>(::operator new(L->smem, std::align_val_t(128), std::nothrow));
+    if (!smem) {
+      errno = ENOMEM;
+      setup_failed("cannot allocate dynamic shared memory");
+      return;
+    }
+  }
   w->L = L;
   w->main_known = false;
   tl_w = w;
   blockDim = L->block;
   gridDim = L->grid;
-  unsigned char* smem = nullptr;
-  if (L->smem) {
-    smem = static_cast<unsigned char*>(::operator new(L->smem, std::align_val_t(128), std::nothrow));
-    if (!smem) {
-      std::lock_guard<std::mutex> lk(L->mu);
-      if (!L->err) {
-        L->err = LK_ERR_EMU_INTERNAL;
-        L->msg = "lk emu: cannot allocate dynamic shared memory";
-      }
-      L->stop.store(true);
-      tl_w = nullptr;
-      return;
-    }
-  }
   tl_dynamic_smem = smem;
   while (!L->stop.load(std::memory_order_relaxed)) {
     const uint64_t b = L->next.fetch_add(1, std::memory_order_relaxed);
@@ -989,6 +1135,58 @@ void worker_loop(Worker* w, Launch* L) {
   if (smem) ::operator delete(smem, std::align_val_t(128));
   tl_w = nullptr;
   w->L = nullptr;
+  trim_stacks(w);
+}
+
+/* ---------------------------------------------------------------------------------------------- */
+/* Helper threads: a process-wide pool, created lazily and never destroyed, shared by every host thread.
+ * A launch that wants k > 0 helpers enters the queue with k open slots; an idle helper takes a slot of
+ * the oldest queued launch and runs its blocks with its own Worker. The launching thread always runs
+ * blocks of its own launch too, so every launch progresses even when all helpers are busy elsewhere;
+ * when it runs out of blocks it closes the slots and waits for the helpers still running blocks. */
+struct HelperPool {
+  std::mutex mu;
+  std::condition_variable wake;
+  std::vector<Launch*> queue;
+  uint64_t nhelpers = 0;
+};
+HelperPool* const g_helpers = new HelperPool(); /* never destroyed: helpers wait on it at exit */
+
+void helper_main(Worker* w) {
+  sigset_t sync_faults; /* a synchronous fault in a blocked signal would kill the process silently */
+  sigemptyset(&sync_faults);
+  sigaddset(&sync_faults, SIGSEGV);
+  sigaddset(&sync_faults, SIGBUS);
+  pthread_sigmask(SIG_UNBLOCK, &sync_faults, nullptr);
+  HelperPool& P = *g_helpers;
+  std::unique_lock<std::mutex> lk(P.mu);
+  for (;;) {
+    P.wake.wait(lk, [&] { return !P.queue.empty(); });
+    Launch* L = P.queue.front();
+    if (--L->want == 0) P.queue.erase(P.queue.begin());
+    ++L->helpers;
+    lk.unlock();
+    worker_loop(w, L, false);
+    lk.lock();
+    if (--L->helpers == 0) L->helpers_done.notify_all(); /* under the mutex: L outlives this call */
+  }
+}
+
+/* Grows the pool to at least n helpers (fewer if threads cannot be created). */
+void ensure_helpers(uint64_t n) {
+  HelperPool& P = *g_helpers;
+  std::lock_guard<std::mutex> lk(P.mu);
+  while (P.nhelpers < n) {
+    Worker* w = new (std::nothrow) Worker();
+    if (!w) return;
+    try {
+      std::thread(helper_main, w).detach();
+    } catch (...) {
+      delete w;
+      return;
+    }
+    ++P.nhelpers;
+  }
 }
 
 /* lk_emu_set_schedule(): a per-host-thread override of LK_EMU_ORDER / LK_EMU_SEED, so a test can
@@ -1062,22 +1260,23 @@ int launch_impl(const LaunchDesc& d) {
   L.seed = 0;
   L.strict = true;
 
-  if (const char* o = getenv("LK_EMU_ORDER")) {
-    if (!*o || !strcmp(o, "fwd")) L.order = ORDER_FWD;
-    else if (!strcmp(o, "rev")) L.order = ORDER_REV;
-    else if (!strcmp(o, "rand")) L.order = ORDER_RAND;
-    else
-      return set_error(LK_ERR_EMU_LAUNCH_CONFIG, "lk emu: LK_EMU_ORDER=%s is not one of fwd, rev, rand", o);
-  }
   bool present = false;
   uint64_t v = 0;
-  if (!env_u64("LK_EMU_SEED", &v, &present))
-    return set_error(LK_ERR_EMU_LAUNCH_CONFIG, "lk emu: LK_EMU_SEED=%s is not an unsigned integer",
-                     getenv("LK_EMU_SEED"));
-  if (present) L.seed = v;
-  if (tl_schedule.active) {
+  if (tl_schedule.active) { /* the override replaces LK_EMU_ORDER / LK_EMU_SEED: they are not even parsed */
     L.order = tl_schedule.order;
     L.seed = tl_schedule.seed;
+  } else {
+    if (const char* o = getenv("LK_EMU_ORDER")) {
+      if (!*o || !strcmp(o, "fwd")) L.order = ORDER_FWD;
+      else if (!strcmp(o, "rev")) L.order = ORDER_REV;
+      else if (!strcmp(o, "rand")) L.order = ORDER_RAND;
+      else
+        return set_error(LK_ERR_EMU_LAUNCH_CONFIG, "lk emu: LK_EMU_ORDER=%s is not one of fwd, rev, rand", o);
+    }
+    if (!env_u64("LK_EMU_SEED", &v, &present))
+      return set_error(LK_ERR_EMU_LAUNCH_CONFIG, "lk emu: LK_EMU_SEED=%s is not an unsigned integer",
+                       getenv("LK_EMU_SEED"));
+    if (present) L.seed = v;
   }
   if (!env_u64("LK_EMU_STRICT", &v, &present) || (present && v > 1))
     return set_error(LK_ERR_EMU_LAUNCH_CONFIG, "lk emu: LK_EMU_STRICT=%s is not 0 or 1", getenv("LK_EMU_STRICT"));
@@ -1085,32 +1284,35 @@ int launch_impl(const LaunchDesc& d) {
   uint64_t nworkers = std::thread::hardware_concurrency();
   if (nworkers == 0) nworkers = 1;
   if (nworkers > 4) nworkers = 4;
-  if (!env_u64("LK_EMU_WORKERS", &v, &present) || (present && (v < 1 || v > 1024)))
-    return set_error(LK_ERR_EMU_LAUNCH_CONFIG, "lk emu: LK_EMU_WORKERS=%s is not an integer in 1..1024",
+  if (!env_u64("LK_EMU_WORKERS", &v, &present) || (present && v < 1))
+    return set_error(LK_ERR_EMU_LAUNCH_CONFIG, "lk emu: LK_EMU_WORKERS=%s is not a positive integer",
                      getenv("LK_EMU_WORKERS"));
-  if (present) nworkers = v;
+  if (present) nworkers = v < kMaxWorkers ? v : kMaxWorkers;
   if (nworkers > L.total) nworkers = L.total;
 
   install_segv_handler();
 
-  std::vector<Worker*> workers;
-  for (uint64_t i = 0; i < nworkers; ++i) {
-    Worker* w = acquire_worker();
-    if (!w) break;
-    workers.push_back(w);
-  }
-  if (workers.empty()) return set_error(LK_ERR_EMU_INTERNAL, "lk emu: out of memory for a worker");
-  std::vector<std::thread> threads;
-  for (size_t i = 1; i < workers.size(); ++i) {
-    try {
-      threads.emplace_back([w = workers[i], &L] { worker_loop(w, &L); });
-    } catch (...) {
-      break; /* fewer OS threads: the others take the remaining blocks */
+  Worker* w0 = acquire_worker();
+  if (!w0) return set_error(LK_ERR_EMU_INTERNAL, "lk emu: out of memory for a worker");
+  const uint64_t nhelp = nworkers - 1;
+  HelperPool& P = *g_helpers;
+  if (nhelp) {
+    ensure_helpers(nhelp);
+    {
+      std::lock_guard<std::mutex> lk(P.mu);
+      L.want = static_cast<int>(nhelp);
+      P.queue.push_back(&L);
     }
+    for (uint64_t i = 0; i < nhelp; ++i) P.wake.notify_one();
   }
-  worker_loop(workers[0], &L);
-  for (auto& t : threads) t.join();
-  for (Worker* w : workers) release_worker(w);
+  worker_loop(w0, &L, true);
+  if (nhelp) {
+    std::unique_lock<std::mutex> lk(P.mu);
+    if (L.want > 0) P.queue.erase(std::find(P.queue.begin(), P.queue.end(), &L));
+    L.want = 0;
+    L.helpers_done.wait(lk, [&] { return L.helpers == 0; });
+  }
+  release_worker(w0);
   if (L.err) return set_error(L.err, "%s", L.msg.c_str());
   return 0;
 }

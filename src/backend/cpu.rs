@@ -1,10 +1,13 @@
-//! The cpu backend: plain Rust, f64 accumulation. It is the oracle the emu and cuda backends are
-//! tested against, so it favours obviousness over speed.
+//! The cpu backend: host memory; its kernels are the plain-Rust reference implementations (f64
+//! accumulation, in each family's `reference` module). It is the oracle the emu and cuda backends
+//! are tested against, so it favours obviousness over speed.
+
+use std::ffi::c_void;
 
 use super::{host, Backend};
-use crate::dtype::{DType, Element, Float};
+use crate::dtype::{DType, Element};
 use crate::error::Result;
-use crate::shrink::ShrinkDense;
+use crate::ffi::Launchers;
 
 /// The reference backend (host memory, f64 accumulation, f64 dtype supported).
 #[derive(Clone, Copy, Debug, Default)]
@@ -38,25 +41,22 @@ impl Backend for Cpu {
         Ok(())
     }
 
-    unsafe fn shrink_dense_unchecked<TX: Float, TW: Float>(
-        &self,
-        x: &Vec<TX>,
-        a: &Vec<TW>,
-        u: &mut Vec<f32>,
-        s: &ShrinkDense,
-    ) -> Result<()> {
-        for t in 0..s.tokens {
-            let x_row = &x[t * s.ld_x..t * s.ld_x + s.d_in];
-            for j in 0..s.rank {
-                let a_row = &a[j * s.lda..j * s.lda + s.d_in];
-                let acc: f64 = x_row
-                    .iter()
-                    .zip(a_row)
-                    .map(|(&xv, &av)| xv.to_f64() * av.to_f64())
-                    .sum();
-                u[t * s.ld_u + j] = acc as f32;
-            }
-        }
-        Ok(())
+    fn raw_ptr<T: Element>(&self, buf: &Vec<T>) -> *const c_void {
+        buf.as_ptr().cast()
+    }
+    fn raw_ptr_mut<T: Element>(&self, buf: &mut Vec<T>) -> *mut c_void {
+        buf.as_mut_ptr().cast()
+    }
+    fn host_slice<'b, T: Element>(&self, buf: &'b Vec<T>) -> Option<&'b [T]> {
+        Some(buf)
+    }
+    fn host_slice_mut<'b, T: Element>(&self, buf: &'b mut Vec<T>) -> Option<&'b mut [T]> {
+        Some(buf)
+    }
+    fn launchers(&self) -> Option<&'static Launchers> {
+        None
+    }
+    fn raw_stream(&self) -> *mut c_void {
+        std::ptr::null_mut()
     }
 }

@@ -10,12 +10,13 @@ use std::sync::Arc;
 use cudarc::driver::{CudaContext, CudaSlice, CudaStream, DevicePtr, DevicePtrMut};
 
 use super::Backend;
-use crate::dtype::{DType, Element, Float};
+use crate::dtype::{DType, Element};
 use crate::error::{Error, Result};
-use crate::ffi;
-use crate::shrink::ShrinkDense;
+use crate::ffi::{self, Launchers};
 
 /// A GPU and one stream on it; every launch and copy of this backend is queued on that stream.
+/// Use a backend's buffers only with that backend (its stream orders all their uses; cudarc's
+/// cross-stream event tracking is switched off so that launches can be captured in CUDA graphs).
 pub struct Cuda {
     ctx: Arc<CudaContext>,
     stream: Arc<CudaStream>,
@@ -53,6 +54,10 @@ impl Cuda {
             ));
         }
         let ctx = CudaContext::new(ordinal).map_err(driver("creating the context"))?;
+        // Every buffer of this backend is used on its one stream, so cudarc's cross-stream event
+        // tracking is not needed — and its event waits would break CUDA-graph capture.
+        // SAFETY: buffers allocated by this backend are only used on `stream` (documented above).
+        unsafe { ctx.disable_event_tracking() };
         let stream = ctx.new_stream().map_err(driver("creating a stream"))?;
         Ok(Cuda { ctx, stream })
     }
@@ -73,17 +78,6 @@ impl Cuda {
     /// The device's name, e.g. "NVIDIA H200".
     pub fn device_name(&self) -> Result<String> {
         self.ctx.name().map_err(driver("reading the device name"))
-    }
-
-    fn raw_stream(&self) -> *mut c_void {
-        self.stream.cu_stream() as *mut c_void
-    }
-
-    fn bind(&self) -> Result<()> {
-        // The launchers use the CUDA runtime, which runs on the context current to the thread.
-        self.ctx
-            .bind_to_thread()
-            .map_err(driver("binding the context to this thread"))
     }
 }
 
@@ -132,27 +126,30 @@ impl Backend for Cuda {
             .map_err(driver("synchronizing the stream"))
     }
 
-    unsafe fn shrink_dense_unchecked<TX: Float, TW: Float>(
-        &self,
-        x: &CudaSlice<TX>,
-        a: &CudaSlice<TW>,
-        u: &mut CudaSlice<f32>,
-        s: &ShrinkDense,
-    ) -> Result<()> {
-        self.bind()?;
-        let (x_ptr, _x_sync) = x.device_ptr(&self.stream);
-        let (a_ptr, _a_sync) = a.device_ptr(&self.stream);
-        let (u_ptr, _u_sync) = u.device_ptr_mut(&self.stream);
-        let p = s.ffi_params::<TX, TW>(
-            x_ptr as *const c_void,
-            a_ptr as *const c_void,
-            u_ptr as *mut f32,
-        );
-        ffi::CUDA.call(
-            "shrink_dense",
-            ffi::CUDA.shrink_dense,
-            &p,
-            self.raw_stream(),
-        )
+    fn raw_ptr<T: Element>(&self, buf: &CudaSlice<T>) -> *const c_void {
+        // One stream per backend: the read-event guard can be dropped at once, stream order does
+        // the rest.
+        buf.device_ptr(&self.stream).0 as *const c_void
+    }
+    fn raw_ptr_mut<T: Element>(&self, buf: &mut CudaSlice<T>) -> *mut c_void {
+        buf.device_ptr_mut(&self.stream).0 as *mut c_void
+    }
+    fn host_slice<'b, T: Element>(&self, _buf: &'b CudaSlice<T>) -> Option<&'b [T]> {
+        None
+    }
+    fn host_slice_mut<'b, T: Element>(&self, _buf: &'b mut CudaSlice<T>) -> Option<&'b mut [T]> {
+        None
+    }
+    fn launchers(&self) -> Option<&'static Launchers> {
+        Some(&ffi::CUDA)
+    }
+    fn raw_stream(&self) -> *mut c_void {
+        self.stream.cu_stream() as *mut c_void
+    }
+    fn prepare_launch(&self) -> Result<()> {
+        // The launchers use the CUDA runtime, which runs on the context current to the thread.
+        self.ctx
+            .bind_to_thread()
+            .map_err(driver("binding the context to this thread"))
     }
 }

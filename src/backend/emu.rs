@@ -4,13 +4,13 @@
 //! Environment, read at each launch: `LK_EMU_ORDER=fwd|rev|rand`, `LK_EMU_SEED=<u64>`,
 //! `LK_EMU_WORKERS=<n>`, `LK_EMU_STRICT=0|1`; at build time `LK_EMU_SANITIZE=address`.
 
+use std::ffi::c_void;
 use std::ptr;
 
 use super::{host, Backend};
-use crate::dtype::{DType, Element, Float};
+use crate::dtype::{DType, Element};
 use crate::error::Result;
-use crate::ffi;
-use crate::shrink::ShrinkDense;
+use crate::ffi::{self, Launchers};
 
 /// The SIMT-emulator backend (host memory; f32/f16/bf16).
 #[derive(Clone, Copy, Debug, Default)]
@@ -44,15 +44,23 @@ impl Backend for Emu {
         Ok(())
     }
 
-    unsafe fn shrink_dense_unchecked<TX: Float, TW: Float>(
-        &self,
-        x: &Vec<TX>,
-        a: &Vec<TW>,
-        u: &mut Vec<f32>,
-        s: &ShrinkDense,
-    ) -> Result<()> {
-        let p = s.ffi_params::<TX, TW>(x.as_ptr().cast(), a.as_ptr().cast(), u.as_mut_ptr());
-        ffi::EMU.call("shrink_dense", ffi::EMU.shrink_dense, &p, ptr::null_mut())
+    fn raw_ptr<T: Element>(&self, buf: &Vec<T>) -> *const c_void {
+        buf.as_ptr().cast()
+    }
+    fn raw_ptr_mut<T: Element>(&self, buf: &mut Vec<T>) -> *mut c_void {
+        buf.as_mut_ptr().cast()
+    }
+    fn host_slice<'b, T: Element>(&self, buf: &'b Vec<T>) -> Option<&'b [T]> {
+        Some(buf)
+    }
+    fn host_slice_mut<'b, T: Element>(&self, buf: &'b mut Vec<T>) -> Option<&'b mut [T]> {
+        Some(buf)
+    }
+    fn launchers(&self) -> Option<&'static Launchers> {
+        Some(&ffi::EMU)
+    }
+    fn raw_stream(&self) -> *mut c_void {
+        ptr::null_mut()
     }
 }
 

@@ -17,9 +17,11 @@ pub use cpu::Cpu;
 pub use cuda::Cuda;
 pub use emu::{Emu, Schedule};
 
-use crate::dtype::{DType, Element, Float};
+use std::ffi::c_void;
+
+use crate::dtype::{DType, Element};
 use crate::error::Result;
-use crate::shrink::ShrinkDense;
+use crate::ffi::Launchers;
 
 /// A place kernels run. Buffers are typed; their length is in elements.
 pub trait Backend: Send + Sync {
@@ -41,18 +43,24 @@ pub trait Backend: Send + Sync {
     /// Waits for all queued work.
     fn synchronize(&self) -> Result<()>;
 
-    /// Launches the dense shrink; [`crate::shrink::shrink_dense`] is the safe entry point.
-    ///
-    /// # Safety
-    /// `shape` must have been validated against the buffers' lengths and the dtypes against
-    /// [`Backend::supports`] (the kernel trusts them and reads/writes through raw pointers).
-    unsafe fn shrink_dense_unchecked<TX: Float, TW: Float>(
-        &self,
-        x: &Self::Buffer<TX>,
-        a: &Self::Buffer<TW>,
-        u: &mut Self::Buffer<f32>,
-        shape: &ShrinkDense,
-    ) -> Result<()>;
+    /// The buffer's address as the C launchers take it: host memory for cpu and emu, device
+    /// memory for cuda.
+    fn raw_ptr<T: Element>(&self, buf: &Self::Buffer<T>) -> *const c_void;
+    fn raw_ptr_mut<T: Element>(&self, buf: &mut Self::Buffer<T>) -> *mut c_void;
+    /// A host view of the buffer (cpu and emu), for the reference implementations and tests;
+    /// `None` for device memory.
+    fn host_slice<'b, T: Element>(&self, buf: &'b Self::Buffer<T>) -> Option<&'b [T]>;
+    fn host_slice_mut<'b, T: Element>(&self, buf: &'b mut Self::Buffer<T>) -> Option<&'b mut [T]>;
+
+    /// The C launchers that run this backend's kernels; `None` for cpu, whose kernels are the
+    /// Rust reference implementations.
+    fn launchers(&self) -> Option<&'static Launchers>;
+    /// The stream handle launchers take (`cudaStream_t` as `void*`; null for host backends).
+    fn raw_stream(&self) -> *mut c_void;
+    /// Makes the calling thread ready to launch (cuda: binds the context).
+    fn prepare_launch(&self) -> Result<()> {
+        Ok(())
+    }
 }
 
 /// Which backend a program should use by default: cuda when built with it and a GPU is present,

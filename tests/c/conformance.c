@@ -94,7 +94,163 @@ static void test_errors(void) {
   check(lk_emu_shrink_dense(&p, NULL) == 0 && u == 30.0f, "1x4x1 shrink = 30");
 }
 
+/* ---- multi-adapter serving: 3 adapters (ranks 4, 0, 8 per slice), 2 slices, tokens with -1 ---- */
+enum { D_IN = 37, N0 = 11, N1 = 5, OUT_W = 18, T = 9, R_CAP = 8, NA = 3 };
+static const int kRanks[NA][2] = {{4, 8}, {0, 3}, {8, 1}};
+static const LkSlice kSlices[2] = {{N0, 1}, {N1, 12}};
+
+typedef struct {
+  float a[NA][2][R_CAP * D_IN];
+  float b[NA][2][N0 * R_CAP];
+  LkAdapterEntry table[NA * 2];
+  float x[T * D_IN];
+  int32_t ids[T];
+} Serving;
+
+static void serving_init(Serving* s) {
+  for (int ad = 0; ad < NA; ad++)
+    for (int sl = 0; sl < 2; sl++) {
+      int r = kRanks[ad][sl];
+      for (int i = 0; i < R_CAP * D_IN; i++) s->a[ad][sl][i] = random_unit();
+      for (int i = 0; i < N0 * R_CAP; i++) s->b[ad][sl][i] = random_unit();
+      LkAdapterEntry e = {s->a[ad][sl], s->b[ad][sl], D_IN, r > 0 ? r : 1, r, 0.5f + (float)ad};
+      s->table[ad * 2 + sl] = e;
+    }
+  for (int i = 0; i < T * D_IN; i++) s->x[i] = random_unit();
+  const int32_t ids[T] = {2, 0, -1, 1, 0, 2, 2, -1, 0};
+  memcpy(s->ids, ids, sizeof ids);
+}
+
+/* Expected u and out (add mode, from out0) by plain loops in double. */
+static void serving_expect(const Serving* s, double* u, double* out, const float* out0) {
+  for (int i = 0; i < T * OUT_W; i++) out[i] = out0[i];
+  for (int t = 0; t < T; t++) {
+    int ad = s->ids[t];
+    if (ad < 0) continue;
+    for (int sl = 0; sl < 2; sl++) {
+      int r = kRanks[ad][sl];
+      const LkAdapterEntry* e = &s->table[ad * 2 + sl];
+      for (int j = 0; j < r; j++) {
+        double acc = 0;
+        for (int k = 0; k < D_IN; k++) acc += (double)s->x[t * D_IN + k] * s->a[ad][sl][j * D_IN + k];
+        u[(sl * T + t) * R_CAP + j] = acc;
+      }
+      for (int i = 0; i < kSlices[sl].n; i++) {
+        double acc = 0;
+        for (int j = 0; j < r; j++) acc += (float)u[(sl * T + t) * R_CAP + j] * (double)s->b[ad][sl][i * e->ldb + j];
+        out[t * OUT_W + kSlices[sl].offset + i] += e->scale * acc;
+      }
+    }
+  }
+}
+
+static int close_enough(double got, double want) { return fabs(got - want) <= 1e-5 * (1.0 + fabs(want)); }
+
+static void check_serving(const char* what, const Serving* s, const float* u, const float* out, const float* out0) {
+  static double eu[2 * T * R_CAP], eo[T * OUT_W];
+  serving_expect(s, eu, eo, out0);
+  int ok = 1;
+  for (int t = 0; t < T; t++) {
+    int ad = s->ids[t];
+    for (int sl = 0; sl < 2 && ad >= 0; sl++)
+      for (int j = 0; j < kRanks[ad][sl]; j++)
+        if (!close_enough(u[(sl * T + t) * R_CAP + j], eu[(sl * T + t) * R_CAP + j])) ok = 0;
+    for (int c = 0; c < OUT_W; c++) {
+      double want = eo[t * OUT_W + c];
+      if (ad < 0 || c == 0 || (c > N0 && c < 12) || c >= 12 + N1) {
+        if (memcmp(&out[t * OUT_W + c], &out0[t * OUT_W + c], sizeof(float)) != 0) ok = 0; /* untouched */
+      } else if (!close_enough(out[t * OUT_W + c], want)) {
+        ok = 0;
+      }
+    }
+  }
+  check(ok, what);
+}
+
+static void test_bgmv(void) {
+  static Serving s;
+  serving_init(&s);
+  static float u[2 * T * R_CAP], out[T * OUT_W], out0[T * OUT_W];
+  for (int i = 0; i < 2 * T * R_CAP; i++) u[i] = NAN;
+  for (int i = 0; i < T * OUT_W; i++) out0[i] = out[i] = random_unit();
+  uint32_t err = 0;
+  LkBgmvShrinkParams sp;
+  memset(&sp, 0, sizeof sp);
+  sp.x = s.x; sp.u = u; sp.table = s.table; sp.token_adapter = s.ids; sp.error_word = &err;
+  sp.ld_x = D_IN; sp.tokens = T; sp.d_in = D_IN; sp.n_adapters = NA; sp.n_slices = 2; sp.r_cap = R_CAP;
+  sp.x_dtype = LK_F32; sp.w_dtype = LK_F32;
+  check(lk_emu_bgmv_shrink(&sp, NULL) == 0, "lk_emu_bgmv_shrink returns 0");
+  LkBgmvExpandParams ep;
+  memset(&ep, 0, sizeof ep);
+  ep.u = u; ep.out = out; ep.table = s.table; ep.token_adapter = s.ids; ep.error_word = &err;
+  ep.ld_out = OUT_W; ep.slices[0] = kSlices[0]; ep.slices[1] = kSlices[1];
+  ep.tokens = T; ep.n_adapters = NA; ep.n_slices = 2; ep.r_cap = R_CAP;
+  ep.out_dtype = LK_F32; ep.w_dtype = LK_F32; ep.mode = LK_EXPAND_ADD;
+  check(lk_emu_bgmv_expand(&ep, NULL) == 0, "lk_emu_bgmv_expand returns 0");
+  check(err == 0, "bgmv error word clear");
+  check_serving("bgmv shrink + expand match the C loops", &s, u, out, out0);
+  s.ids[3] = 7; /* out of range: skipped and flagged */
+  check(lk_emu_bgmv_shrink(&sp, NULL) == 0 && err == LK_FAULT_ADAPTER_ID, "bgmv flags an out-of-range id");
+  ep.mode = 5;
+  check(lk_emu_bgmv_expand(&ep, NULL) == LK_ERR_INVALID_ARGUMENT, "bgmv rejects a bad mode");
+}
+
+static void test_sgmv(void) {
+  static Serving s;
+  serving_init(&s);
+  static float u[2 * T * R_CAP], out[T * OUT_W], out0[T * OUT_W];
+  for (int i = 0; i < 2 * T * R_CAP; i++) u[i] = NAN;
+  for (int i = 0; i < T * OUT_W; i++) out0[i] = out[i] = random_unit();
+  uint32_t err = 0;
+  int32_t row_index[T], seg_starts[NA + 1], seg_adapter[NA], n_segments = -1;
+  LkSgmvPlanParams pp;
+  memset(&pp, 0, sizeof pp);
+  pp.token_adapter = s.ids; pp.row_index = row_index; pp.seg_starts = seg_starts; pp.seg_adapter = seg_adapter;
+  pp.n_segments = &n_segments; pp.error_word = &err; pp.tokens = T; pp.n_adapters = NA; pp.max_segments = NA;
+  void* plan_ws = malloc(lk_emu_sgmv_plan_workspace_size(&pp) + 1);
+  pp.workspace = plan_ws;
+  check(lk_emu_sgmv_plan(&pp, NULL) == 0, "lk_emu_sgmv_plan returns 0");
+  /* ids {2, 0, -1, 1, 0, 2, 2, -1, 0}: segments adapter 0 {1, 4, 8}, 1 {3}, 2 {0, 5, 6}; -1 last. */
+  const int32_t want_rows[T] = {1, 4, 8, 3, 0, 5, 6, 2, 7};
+  check(n_segments == 3 && seg_starts[0] == 0 && seg_starts[1] == 3 && seg_starts[2] == 4 && seg_starts[3] == 7 &&
+            seg_adapter[0] == 0 && seg_adapter[1] == 1 && seg_adapter[2] == 2 &&
+            memcmp(row_index, want_rows, sizeof want_rows) == 0,
+        "sgmv planner: stable sort by adapter");
+  LkSgmvShrinkParams sp;
+  memset(&sp, 0, sizeof sp);
+  sp.x = s.x; sp.u = u; sp.table = s.table; sp.row_index = row_index; sp.seg_starts = seg_starts;
+  sp.seg_adapter = seg_adapter; sp.n_segments = &n_segments; sp.error_word = &err; sp.ld_x = D_IN; sp.tokens = T;
+  sp.max_segments = NA; sp.d_in = D_IN; sp.n_adapters = NA; sp.n_slices = 2; sp.r_cap = R_CAP;
+  sp.x_dtype = LK_F32; sp.w_dtype = LK_F32;
+  void* ws = malloc(lk_emu_sgmv_shrink_workspace_size(&sp) + 1);
+  sp.workspace = ws;
+  check(lk_emu_sgmv_shrink(&sp, NULL) == 0, "lk_emu_sgmv_shrink returns 0");
+  LkSgmvExpandParams ep;
+  memset(&ep, 0, sizeof ep);
+  ep.u = u; ep.out = out; ep.table = s.table; ep.row_index = row_index; ep.seg_starts = seg_starts;
+  ep.seg_adapter = seg_adapter; ep.n_segments = &n_segments; ep.error_word = &err; ep.ld_out = OUT_W;
+  ep.slices[0] = kSlices[0]; ep.slices[1] = kSlices[1]; ep.tokens = T; ep.max_segments = NA; ep.n_adapters = NA;
+  ep.n_slices = 2; ep.r_cap = R_CAP; ep.out_dtype = LK_F32; ep.w_dtype = LK_F32; ep.mode = LK_EXPAND_ADD;
+  void* ews = malloc(lk_emu_sgmv_expand_workspace_size(&ep) + 1);
+  ep.workspace = ews;
+  check(lk_emu_sgmv_expand(&ep, NULL) == 0, "lk_emu_sgmv_expand returns 0");
+  check(err == 0, "sgmv error word clear");
+  check_serving("sgmv plan + shrink + expand match the C loops", &s, u, out, out0);
+  /* Invalid metadata: nothing written, flagged. */
+  seg_starts[2] = 1;
+  float before = out[0];
+  memcpy(out0, out, sizeof out);
+  check(lk_emu_sgmv_expand(&ep, NULL) == 0 && (err & LK_FAULT_SEGMENTS) && memcmp(out, out0, sizeof out) == 0 &&
+            out[0] == before,
+        "sgmv with invalid segments writes nothing and flags it");
+  free(plan_ws);
+  free(ws);
+  free(ews);
+}
+
 int main(void) {
+  test_bgmv();
+  test_sgmv();
   test_shrink_dense(1, 1, 1);
   test_shrink_dense(3, 17, 5);
   test_shrink_dense(5, 127, 16);
