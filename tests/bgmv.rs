@@ -521,3 +521,19 @@ fn validation_errors_emu() {
 fn validation_errors_cpu() {
     validation_on(&Cpu);
 }
+
+#[test]
+fn more_tokens_than_a_grid_y_dimension() {
+    let mut r = rng(65537);
+    let ids = random_ids(&mut r, 65_537, 3, Popularity::Uniform, 0.05);
+    let sc = Scenario::random::<f16>(&mut r, 4, &[2], 3, &[1], ids);
+    run_bgmv::<_, f16, f16, f16>(&Emu, &sc, 1, ExpandMode::Add);
+}
+
+#[test]
+fn rank_256_mixed() {
+    let mut r = rng(256);
+    let ids = random_ids(&mut r, 20, 3, Popularity::Uniform, 0.1);
+    let sc = Scenario::random::<bf16>(&mut r, 130, &[20, 9], 3, &[256, 1, 100], ids);
+    run_bgmv::<_, bf16, bf16, f32>(&Emu, &sc, 2, ExpandMode::Overwrite);
+}

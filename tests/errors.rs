@@ -199,3 +199,176 @@ fn c_launcher_rejects_bad_params_with_a_message() {
     call(&base).unwrap();
     assert_eq!(u[0], 4.0);
 }
+
+/// The serving launchers validate what C callers pass (host-visible fields only) and name the field.
+#[test]
+fn serving_c_launchers_reject_bad_params() {
+    let x = [1.0f32; 64];
+    let mut u = [0.0f32; 64];
+    let ids = [0i32; 4];
+    let table = [sys::LkAdapterEntry {
+        a: x.as_ptr().cast(),
+        b: x.as_ptr().cast(),
+        lda: 4,
+        ldb: 2,
+        rank: 2,
+        scale: 1.0,
+    }; 2];
+    let shrink = sys::LkBgmvShrinkParams {
+        x: x.as_ptr().cast(),
+        u: u.as_mut_ptr(),
+        table: table.as_ptr(),
+        token_adapter: ids.as_ptr(),
+        error_word: std::ptr::null_mut(),
+        ld_x: 4,
+        tokens: 4,
+        d_in: 4,
+        n_adapters: 1,
+        n_slices: 2,
+        r_cap: 2,
+        x_dtype: sys::LkDtype::LK_F32 as i32,
+        w_dtype: sys::LkDtype::LK_F32 as i32,
+    };
+    // SAFETY: the params point at live host buffers of the sizes they state.
+    let call = |p: &sys::LkBgmvShrinkParams| unsafe {
+        ffi::EMU.call("bgmv_shrink", ffi::EMU.bgmv_shrink, p, std::ptr::null_mut())
+    };
+    call(&shrink).unwrap();
+    let bad = [
+        (
+            sys::LkBgmvShrinkParams {
+                n_slices: 0,
+                ..shrink
+            },
+            "n_slices",
+        ),
+        (
+            sys::LkBgmvShrinkParams {
+                n_slices: 9,
+                ..shrink
+            },
+            "n_slices",
+        ),
+        (
+            sys::LkBgmvShrinkParams {
+                r_cap: 5000,
+                ..shrink
+            },
+            "r_cap",
+        ),
+        (sys::LkBgmvShrinkParams { ld_x: 3, ..shrink }, "ld_x"),
+        (
+            sys::LkBgmvShrinkParams {
+                tokens: -1,
+                ..shrink
+            },
+            "tokens",
+        ),
+        (
+            sys::LkBgmvShrinkParams {
+                table: std::ptr::null(),
+                ..shrink
+            },
+            "table",
+        ),
+        (
+            sys::LkBgmvShrinkParams {
+                x_dtype: sys::LkDtype::LK_F16 as i32,
+                w_dtype: sys::LkDtype::LK_BF16 as i32,
+                ..shrink
+            },
+            "dtype",
+        ),
+    ];
+    for (p, field) in bad {
+        let e = call(&p).unwrap_err();
+        assert!(
+            matches!(
+                e.kernel_kind(),
+                Some(KernelErrorKind::InvalidArgument | KernelErrorKind::UnsupportedDtype)
+            ),
+            "{field}: {e}"
+        );
+        assert!(e.to_string().contains(field), "`{e}` should name {field}");
+    }
+    let mut out = [0.0f32; 16];
+    let mut slices = [sys::LkSlice { n: 0, offset: 0 }; 8];
+    slices[0] = sys::LkSlice { n: 2, offset: 0 };
+    slices[1] = sys::LkSlice { n: 2, offset: 2 };
+    let expand = sys::LkBgmvExpandParams {
+        u: u.as_ptr(),
+        out: out.as_mut_ptr().cast(),
+        table: table.as_ptr(),
+        token_adapter: ids.as_ptr(),
+        error_word: std::ptr::null_mut(),
+        ld_out: 4,
+        slices,
+        tokens: 4,
+        n_adapters: 1,
+        n_slices: 2,
+        r_cap: 2,
+        out_dtype: sys::LkDtype::LK_F32 as i32,
+        w_dtype: sys::LkDtype::LK_F32 as i32,
+        mode: sys::LK_EXPAND_ADD as i32,
+    };
+    // SAFETY: as above.
+    let call = |p: &sys::LkBgmvExpandParams| unsafe {
+        ffi::EMU.call("bgmv_expand", ffi::EMU.bgmv_expand, p, std::ptr::null_mut())
+    };
+    call(&expand).unwrap();
+    let mut overlapping = slices;
+    overlapping[1].offset = 1;
+    let mut past_end = slices;
+    past_end[1].offset = 3;
+    let bad = [
+        (sys::LkBgmvExpandParams { mode: 7, ..expand }, "mode"),
+        (
+            sys::LkBgmvExpandParams {
+                slices: overlapping,
+                ..expand
+            },
+            "overlap",
+        ),
+        (
+            sys::LkBgmvExpandParams {
+                slices: past_end,
+                ..expand
+            },
+            "ld_out",
+        ),
+        (
+            sys::LkBgmvExpandParams {
+                out: std::ptr::null_mut(),
+                ..expand
+            },
+            "out",
+        ),
+    ];
+    for (p, field) in bad {
+        let e = call(&p).unwrap_err();
+        assert_eq!(
+            e.kernel_kind(),
+            Some(KernelErrorKind::InvalidArgument),
+            "{field}: {e}"
+        );
+        assert!(e.to_string().contains(field), "`{e}` should name {field}");
+    }
+    // SGMV planner: capacity below min(tokens, n_adapters).
+    let (mut rows, mut starts, mut segs, mut n) = ([0i32; 4], [0i32; 3], [0i32; 2], 0i32);
+    let plan = sys::LkSgmvPlanParams {
+        token_adapter: ids.as_ptr(),
+        row_index: rows.as_mut_ptr(),
+        seg_starts: starts.as_mut_ptr(),
+        seg_adapter: segs.as_mut_ptr(),
+        n_segments: &mut n,
+        error_word: std::ptr::null_mut(),
+        workspace: std::ptr::null_mut(),
+        tokens: 4,
+        n_adapters: 3,
+        max_segments: 2,
+    };
+    // SAFETY: as above (the launcher must refuse before touching the null workspace).
+    let e = unsafe { ffi::EMU.call("sgmv_plan", ffi::EMU.sgmv_plan, &plan, std::ptr::null_mut()) }
+        .unwrap_err();
+    assert!(e.to_string().contains("max_segments"), "{e}");
+}

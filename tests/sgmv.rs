@@ -570,3 +570,25 @@ fn validation_errors() {
     assert!(u.iter().all(|v| v.to_bits() == POISON.to_bits()));
     assert!(out.iter().all(|&v| v == 0.0));
 }
+
+/// More tokens than a grid's y or z dimension can hold (65 535): planner, shrink and expand still
+/// cover every token (large dimensions live on grid x).
+#[test]
+fn more_tokens_than_a_grid_y_dimension() {
+    let mut r = rng(65537);
+    let tokens = 65_537;
+    let ids = random_ids(&mut r, tokens, 3, Popularity::Uniform, 0.05);
+    let sc = Scenario::random::<bf16>(&mut r, 8, &[4], 3, &[1, 2], ids);
+    run_sgmv_planned::<_, bf16, bf16, bf16>(&Emu, &sc, 1, ExpandMode::Add);
+}
+
+/// Ranks up to 256 mixed in one launch (and the f32 FMA path at rank 256).
+#[test]
+fn rank_256_mixed() {
+    let mut r = rng(256);
+    let ids = random_ids(&mut r, 40, 3, Popularity::Uniform, 0.1);
+    let sc = Scenario::random::<f16>(&mut r, 130, &[20, 9], 3, &[256, 1, 100], ids);
+    run_sgmv_planned::<_, f16, f16, f16>(&Emu, &sc, 2, ExpandMode::Overwrite);
+    let sc = Scenario::random::<f32>(&mut r, 70, &[12], 3, &[256, 3], sc.ids.clone());
+    run_sgmv_planned::<_, f32, f32, f32>(&Emu, &sc, 3, ExpandMode::Add);
+}
