@@ -222,6 +222,22 @@ size_t lk_emu_sgmv_expand_workspace_size(const LkSgmvExpandParams* p);
 size_t lk_cuda_sgmv_plan_workspace_size(const LkSgmvPlanParams* p);
 size_t lk_emu_sgmv_plan_workspace_size(const LkSgmvPlanParams* p);
 
+/* =============================================================================================
+ * Training: fused Philox dropout (DESIGN.md §2 "Dropout"). Params and launchers: see below; the
+ * family's list of launchers is LK_DROPOUT_LAUNCHERS.
+ * ============================================================================================= */
+#define LK_DROPOUT_LAUNCHERS(X)
+
+/* =============================================================================================
+ * Training: LoRA backward with W frozen (DESIGN.md §4). List: LK_BACKWARD_LAUNCHERS.
+ * ============================================================================================= */
+#define LK_BACKWARD_LAUNCHERS(X)
+
+/* =============================================================================================
+ * In-place merge / unmerge of scale·B·A into W (DESIGN.md §2 "Merge"). List: LK_MERGE_LAUNCHERS.
+ * ============================================================================================= */
+#define LK_MERGE_LAUNCHERS(X)
+
 /* The one list of launchers: X(symbol suffix, params type). Both prefixed sets are declared from it. */
 #define LK_LAUNCHERS(X)                     \
   X(shrink_dense, LkShrinkDenseParams)      \
@@ -229,7 +245,10 @@ size_t lk_emu_sgmv_plan_workspace_size(const LkSgmvPlanParams* p);
   X(bgmv_expand, LkBgmvExpandParams)        \
   X(sgmv_shrink, LkSgmvShrinkParams)        \
   X(sgmv_expand, LkSgmvExpandParams)        \
-  X(sgmv_plan, LkSgmvPlanParams)
+  X(sgmv_plan, LkSgmvPlanParams)          \
+  LK_DROPOUT_LAUNCHERS(X)                 \
+  LK_BACKWARD_LAUNCHERS(X)                \
+  LK_MERGE_LAUNCHERS(X)
 
 #define LK_DECLARE_CUDA_LAUNCHER(name, params) int lk_cuda_##name(const params* p, void* stream);
 #define LK_DECLARE_EMU_LAUNCHER(name, params) int lk_emu_##name(const params* p, void* stream);

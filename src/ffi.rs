@@ -110,3 +110,22 @@ pub(crate) unsafe fn launch<B: Backend, P>(
     backend.prepare_launch()?;
     launchers.call(op, launcher, params, backend.raw_stream())
 }
+
+/// The launcher `$emu` or `$cuda` (both `unsafe extern "C" fn` of one signature) that matches the
+/// backend of `$launchers`: how a family module picks its entry points without a field in
+/// [`Launchers`].
+#[allow(unused_macros)]
+macro_rules! pick_launcher {
+    ($launchers:expr, $emu:path, $cuda:path) => {{
+        #[cfg(feature = "cuda")]
+        let f = if $launchers.backend == "cuda" { $cuda } else { $emu };
+        #[cfg(not(feature = "cuda"))]
+        let f = {
+            let _ = &$launchers;
+            $emu
+        };
+        f
+    }};
+}
+#[allow(unused_imports)]
+pub(crate) use pick_launcher;
