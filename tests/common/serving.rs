@@ -219,6 +219,16 @@ impl Scenario {
     }
 }
 
+/// Spacing of a dtype's subnormals (the absolute rounding error floor near zero).
+pub fn subnormal_spacing(d: DType) -> f64 {
+    match d {
+        DType::F32 => f64::powi(2.0, -149),
+        DType::F16 => f64::powi(2.0, -24),
+        DType::BF16 => f64::powi(2.0, -133),
+        DType::F64 => 0.0,
+    }
+}
+
 /// Unit roundoff of a dtype.
 pub fn unit_roundoff(d: DType) -> f64 {
     match d {
@@ -339,7 +349,7 @@ pub fn check_expand_result<TO: Float>(
                 let want = base + scale * acc;
                 let tol = scale * sum_tolerance(rank, abs, split)
                     + (want.abs() + (scale * acc).abs()) * u_out
-                    + f64::MIN_POSITIVE;
+                    + subnormal_spacing(TO::DTYPE);
                 expected[slice.offset + i] = Some((want, tol));
             }
         }
