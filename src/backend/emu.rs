@@ -25,37 +25,7 @@ impl Backend for Emu {
     fn supports(&self, dtype: DType) -> bool {
         dtype != DType::F64
     }
-    fn alloc<T: Element>(&self, len: usize) -> Result<Vec<T>> {
-        host::alloc(len)
-    }
-    fn upload<T: Element>(&self, data: &[T]) -> Result<Vec<T>> {
-        Ok(data.to_vec())
-    }
-    fn download<T: Element>(&self, buf: &Vec<T>) -> Result<Vec<T>> {
-        Ok(buf.clone())
-    }
-    fn write<T: Element>(&self, buf: &mut Vec<T>, data: &[T]) -> Result<()> {
-        host::write(buf, data)
-    }
-    fn len<T: Element>(&self, buf: &Vec<T>) -> usize {
-        buf.len()
-    }
-    fn synchronize(&self) -> Result<()> {
-        Ok(())
-    }
-
-    fn raw_ptr<T: Element>(&self, buf: &Vec<T>) -> *const c_void {
-        buf.as_ptr().cast()
-    }
-    fn raw_ptr_mut<T: Element>(&self, buf: &mut Vec<T>) -> *mut c_void {
-        buf.as_mut_ptr().cast()
-    }
-    fn host_slice<'b, T: Element>(&self, buf: &'b Vec<T>) -> Option<&'b [T]> {
-        Some(buf)
-    }
-    fn host_slice_mut<'b, T: Element>(&self, buf: &'b mut Vec<T>) -> Option<&'b mut [T]> {
-        Some(buf)
-    }
+    host::memory_methods!();
     fn launchers(&self) -> Option<&'static Launchers> {
         Some(&ffi::EMU)
     }

@@ -3,13 +3,14 @@
 //! unequal widths, token ids of several popularity patterns with −1 rows, and the tolerance rules.
 #![allow(dead_code, clippy::too_many_arguments)]
 
-use super::{random_vec, rng, POISON};
+use super::{random_vec, rng, scale, POISON};
 use lora_kernels::adapter::{
     fault, AdapterTable, AdapterTableBuilder, ExpandMode, LoraWeights, Slice,
 };
 use lora_kernels::bgmv::Bgmv;
 use lora_kernels::sgmv::{reference, Sgmv, SgmvPlan};
 use lora_kernels::{Backend, DType, Float};
+use proptest::prelude::*;
 use rand::rngs::StdRng;
 use rand::Rng;
 
@@ -604,4 +605,84 @@ pub fn run_sgmv_planned<B: Backend, TX: Float, TW: Float, TO: Float>(
         }
     }
     run_sgmv_with_plan::<B, TX, TW, TO>(b, &eff, &plan, seed, mode);
+}
+
+// ---- proptest strategy shared by the BGMV and SGMV tests ----------------------------------------
+
+#[derive(Clone, Debug)]
+pub struct Case {
+    pub d_in: usize,
+    pub widths: Vec<usize>,
+    pub n_adapters: usize,
+    pub ranks: Vec<usize>,
+    pub tokens: usize,
+    pub pop: Popularity,
+    pub seed: u64,
+    pub add: bool,
+}
+
+/// Random layer/batch shapes: odd d_in (up to 4097), 1–3 slices of unequal widths, 1–6 adapters,
+/// mixed ranks including 0, 1..max_tokens tokens, every popularity pattern, add or overwrite.
+pub fn cases(max_tokens: usize) -> impl Strategy<Value = Case> {
+    let big = if scale() >= 1.0 { 4097 } else { 1025 };
+    let d_in = prop_oneof![
+        Just(1usize),
+        Just(2),
+        Just(3),
+        Just(15),
+        Just(17),
+        Just(127),
+        1usize..300,
+        Just(big)
+    ];
+    let width = prop_oneof![Just(1usize), Just(3), Just(17), 1usize..70];
+    let ranks = prop_oneof![
+        Just(vec![0usize, 1, 8, 16]),
+        Just(vec![4, 8, 17, 33]),
+        Just(vec![16]),
+        Just(vec![1, 64, 0]),
+        Just(vec![2, 3, 128]),
+    ];
+    let pop = prop_oneof![
+        Just(Popularity::Same),
+        Just(Popularity::Distinct),
+        Just(Popularity::Uniform),
+        Just(Popularity::Zipf)
+    ];
+    (
+        d_in,
+        prop::collection::vec(width, 1..4),
+        1usize..7,
+        ranks,
+        prop_oneof![Just(1usize), 1usize..max_tokens],
+        pop,
+        any::<u64>(),
+        any::<bool>(),
+    )
+        .prop_map(
+            |(d_in, widths, n_adapters, ranks, tokens, pop, seed, add)| Case {
+                d_in,
+                widths,
+                n_adapters,
+                ranks,
+                tokens,
+                pop,
+                seed,
+                add,
+            },
+        )
+}
+
+pub fn scenario<TW: Float>(c: &Case, none_fraction: f64) -> Scenario {
+    let mut r = rng(c.seed);
+    let ids = random_ids(&mut r, c.tokens, c.n_adapters, c.pop, none_fraction);
+    Scenario::random::<TW>(&mut r, c.d_in, &c.widths, c.n_adapters, &c.ranks, ids)
+}
+
+pub fn mode(add: bool) -> ExpandMode {
+    if add {
+        ExpandMode::Add
+    } else {
+        ExpandMode::Overwrite
+    }
 }
