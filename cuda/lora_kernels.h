@@ -225,8 +225,69 @@ size_t lk_emu_sgmv_plan_workspace_size(const LkSgmvPlanParams* p);
 /* =============================================================================================
  * Training: fused Philox dropout (DESIGN.md §2 "Dropout"). Params and launchers: see below; the
  * family's list of launchers is LK_DROPOUT_LAUNCHERS.
+ *
+ * The host turns p into `threshold` = min(floor(p · 2^32), 2^32 − 1) (in f64) and `keep_scale` =
+ * 1/(1−p) rounded to f32 (0 when p = 1); kernels never see p. Element e — flat index
+ * token · d + col with the ORIGINAL token index (token_base + row) — uses word e % 4 of
+ * Philox4x32-10(counter (lo32(e/4), hi32(e/4), lo32(offset), hi32(offset)), key (lo32(seed),
+ * hi32(seed))) and is dropped iff word < threshold. threshold = 0 drops nothing and keep_scale = 0
+ * drops everything, both without RNG work. So a mask depends only on (seed, offset, e): never on
+ * tiling, launch geometry, leading dimensions or backend. Kept elements become
+ * x̂ = to_f32(x) · keep_scale (one f32 multiply, round to nearest even), dropped ones +0.
  * ============================================================================================= */
-#define LK_DROPOUT_LAUNCHERS(X)
+
+/* The host-computed dropout of one launch (one target module's stream: its own offset). */
+typedef struct LkDropoutConfig {
+  uint64_t seed;
+  uint64_t offset;
+  uint32_t threshold;
+  float keep_scale; /* finite, >= 0 */
+} LkDropoutConfig;
+
+/* dropout_forward:  y[t, c] = m[t, c] · x[t, c] · keep_scale      (overwrite)
+ * dropout_backward: dx[t, c] = m[t, c] · dy[t, c] · keep_scale    (the same mask, regenerated)
+ * x: [tokens, d] (row stride ld_x), y: [tokens, d] (row stride ld_y), both of dtype `dtype`;
+ * y = from_dtype(to_f32(x) · keep_scale) or +0. Row t is original token token_base + t.
+ * In place is allowed (x == y with ld_x == ld_y); otherwise x and y must not overlap. For backward,
+ * x is dy and y is dx. */
+typedef struct LkDropoutParams {
+  const void* x;
+  void* y;
+  int64_t ld_x;
+  int64_t ld_y;
+  int64_t token_base; /* original index of row 0 (a sub-batch keeps its tokens' masks) */
+  LkDropoutConfig drop;
+  int32_t tokens;
+  int32_t d;
+  int32_t dtype; /* LkDtype, for x and y */
+} LkDropoutParams;
+
+/* dropout_shrink_dense: the training shrink with dropout fused into the load of x,
+ *   u[t, j] = Σ_k x̂[t, k] · A[j, k],   x̂ = m ⊙ x · keep_scale   (u unscaled, f32)
+ * Layout and dtypes as LkShrinkDenseParams; element (t, k) has flat index
+ * (token_base + t) · d_in + k. No mask and no x̂ is ever written. Bit-identical to shrink_dense run
+ * on the f32 tensor x̂ (same per-lane FMA chains over k ≡ lane (mod 32), same xor butterfly):
+ * deterministic and batch-invariant. */
+typedef struct LkShrinkDenseDropoutParams {
+  const void* x;
+  const void* a;
+  float* u;
+  int64_t ld_x;
+  int64_t lda;
+  int64_t ld_u;
+  int64_t token_base;
+  LkDropoutConfig drop;
+  int32_t tokens;
+  int32_t d_in;
+  int32_t rank;
+  int32_t x_dtype; /* LkDtype: the weights' dtype or LK_F32 */
+  int32_t w_dtype; /* LkDtype */
+} LkShrinkDenseDropoutParams;
+
+#define LK_DROPOUT_LAUNCHERS(X)             \
+  X(dropout_forward, LkDropoutParams)       \
+  X(dropout_backward, LkDropoutParams)      \
+  X(dropout_shrink_dense, LkShrinkDenseDropoutParams)
 
 /* =============================================================================================
  * Training: LoRA backward with W frozen (DESIGN.md §4). List: LK_BACKWARD_LAUNCHERS.

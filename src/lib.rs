@@ -13,6 +13,7 @@
 pub mod adapter;
 pub mod backend;
 pub mod bgmv;
+pub mod dropout;
 pub mod dtype;
 pub mod error;
 pub mod ffi;

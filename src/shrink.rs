@@ -45,7 +45,7 @@ impl ShrinkDense {
         (rows - 1).checked_mul(ld)?.checked_add(cols)
     }
 
-    fn validate(&self, x_len: usize, a_len: usize, u_len: usize) -> Result<()> {
+    pub(crate) fn validate(&self, x_len: usize, a_len: usize, u_len: usize) -> Result<()> {
         let fits_i32 = |arg: &'static str, v: usize| {
             if v > i32::MAX as usize {
                 Err(Error::invalid(

@@ -8,6 +8,9 @@ use common::selftest::*;
 use common::serving::*;
 use common::*;
 use libtest_mimic::{Arguments, Completion, Failed, Trial};
+use lora_kernels::dropout::{
+    dropout_backward, dropout_forward, shrink_dense_dropout, Dropout, DropoutShape,
+};
 use lora_kernels::shrink::{shrink_dense, ShrinkDense};
 use lora_kernels::{bf16, f16, Backend, Cpu, Cuda, Emu, Error, Float};
 
@@ -79,6 +82,35 @@ fn main() {
             sgmv_case::<f32, bf16, bf16>(d, 2048, &[512, 256], 200, 8)
         }),
         ("serving_cuda_graph_replay_bit_identical", cuda_graph_replay),
+        (
+            "dropout_f32_bits_cuda_eq_emu_eq_cpu",
+            dropout_bits_match::<f32>,
+        ),
+        (
+            "dropout_f16_bits_cuda_eq_emu_eq_cpu",
+            dropout_bits_match::<f16>,
+        ),
+        (
+            "dropout_bf16_bits_cuda_eq_emu_eq_cpu",
+            dropout_bits_match::<bf16>,
+        ),
+        ("dropout_large_mask_and_keep_rate", dropout_large_mask),
+        (
+            "dropout_shrink_f16_matches_cpu_and_emu",
+            dropout_shrink_case::<f16, f16>,
+        ),
+        (
+            "dropout_shrink_bf16_matches_cpu_and_emu",
+            dropout_shrink_case::<bf16, bf16>,
+        ),
+        (
+            "dropout_shrink_f32_matches_cpu_and_emu",
+            dropout_shrink_case::<f32, f32>,
+        ),
+        (
+            "dropout_shrink_f32_x_f16_w_matches_cpu_and_emu",
+            dropout_shrink_case::<f32, f16>,
+        ),
     ];
     let trials = tests
         .iter()
@@ -524,4 +556,173 @@ fn cuda_graph_replay(dev: &Cuda) -> Result<(), Failed> {
     check(dev.download(&errw).map_err(err)?[0] == 0, || {
         "error word set".into()
     })
+}
+
+// ---- fused Philox dropout ------------------------------------------------------------------------
+
+fn run_dropout<B: Backend, T: Float>(
+    b: &B,
+    drop: &Dropout,
+    x: &[T],
+    s: &DropoutShape,
+    backward: bool,
+) -> Result<Vec<T>, Failed> {
+    let xb = b.upload(x).map_err(err)?;
+    let mut yb = b
+        .upload(&vec![T::from_f32(POISON); (s.tokens - 1) * s.ld_y + s.d])
+        .map_err(err)?;
+    if backward {
+        dropout_backward(b, drop, &xb, &mut yb, s).map_err(err)?;
+    } else {
+        dropout_forward(b, drop, &xb, &mut yb, s).map_err(err)?;
+    }
+    b.download(&yb).map_err(err)
+}
+
+/// The mask (and the values: one f32 multiply, one rounding) on cuda == emu == cpu, bit for bit,
+/// forward and backward, for p = 0, 1 and in between; e/4 beyond 2^32 (token_base large).
+fn dropout_bits_match<T: Float>(dev: &Cuda) -> Result<(), Failed> {
+    let s = DropoutShape {
+        ld_x: 4101,
+        ld_y: 4100,
+        token_base: (1 << 33) / 4099 + 3,
+        ..DropoutShape::new(67, 4099)
+    };
+    let mut r = rng(31);
+    let x: Vec<T> = random_vec(&mut r, (s.tokens - 1) * s.ld_x + s.d);
+    for (i, p) in [0.0, 0.1, 0.5, 0.9, 1.0].into_iter().enumerate() {
+        let drop =
+            Dropout::new(p, 0xdead_beef_0000_0001 + i as u64, 1 << 40 | i as u64).map_err(err)?;
+        for backward in [false, true] {
+            let gpu = run_dropout(dev, &drop, &x, &s, backward)?;
+            let emu = run_dropout(&Emu, &drop, &x, &s, backward)?;
+            let cpu = run_dropout(&Cpu, &drop, &x, &s, backward)?;
+            let bits = |v: &[T]| v.iter().map(|x| x.to_f64().to_bits()).collect::<Vec<_>>();
+            check(bits(&gpu) == bits(&emu), || {
+                format!("p {p} backward {backward}: cuda and emu differ")
+            })?;
+            check(bits(&gpu) == bits(&cpu), || {
+                format!("p {p} backward {backward}: cuda and cpu differ")
+            })?;
+        }
+    }
+    Ok(())
+}
+
+/// A training-sized tensor (4096 × 4096): the cuda mask equals the Rust Philox mask everywhere and
+/// the keep rate lies within 6 binomial sigma.
+fn dropout_large_mask(dev: &Cuda) -> Result<(), Failed> {
+    let s = DropoutShape::new(4096, 4096);
+    let drop = Dropout::new(0.1, 2024, 7).map_err(err)?;
+    let cfg = drop.config().map_err(err)?;
+    let ones = vec![f16::from_f32(1.0); s.tokens * s.d];
+    let y = run_dropout(dev, &drop, &ones, &s, false)?;
+    let mut kept = 0usize;
+    for (e, v) in y.iter().enumerate() {
+        let k = v.to_f32() != 0.0;
+        kept += k as usize;
+        check(k == cfg.keeps(e as u64), || {
+            format!("element {e}: cuda mask differs")
+        })?;
+    }
+    let n = (s.tokens * s.d) as f64;
+    let (mean, sigma) = (0.9 * n, (n * 0.09).sqrt());
+    check((kept as f64 - mean).abs() <= 6.0 * sigma, || {
+        format!("kept {kept} of {n}, expected {mean} ± 6·{sigma}")
+    })
+}
+
+fn run_dropout_shrink<B: Backend, TX: Float, TW: Float>(
+    b: &B,
+    drop: &Dropout,
+    x: &[TX],
+    a: &[TW],
+    s: &ShrinkDense,
+    base: usize,
+) -> Result<Vec<f32>, Failed> {
+    let xb = b.upload(x).map_err(err)?;
+    let ab = b.upload(a).map_err(err)?;
+    let mut ub = b.upload(&vec![POISON; s.tokens * s.ld_u]).map_err(err)?;
+    shrink_dense_dropout(b, drop, &xb, &ab, &mut ub, s, base).map_err(err)?;
+    b.download(&ub).map_err(err)
+}
+
+/// Fused shrink on cuda: within the shrink tolerance of the cpu reference, bit-identical to emu
+/// (same FMA chains), to shrink_dense on the explicit f32 x̂, and run to run; batch-invariant.
+fn dropout_shrink_case<TX: Float, TW: Float>(dev: &Cuda) -> Result<(), Failed> {
+    for (i, &(tokens, d_in, rank)) in [
+        (1, 1, 1),
+        (3, 17, 5),
+        (17, 1025, 33),
+        (64, 4097, 16),
+        (256, 4096, 64),
+    ]
+    .iter()
+    .enumerate()
+    {
+        let s = ShrinkDense {
+            ld_x: d_in + 1,
+            ld_u: rank + 1,
+            ..ShrinkDense::new(tokens, d_in, rank)
+        };
+        let base = 1000 * i;
+        let drop = Dropout::new(0.1 + 0.1 * i as f64, 55 + i as u64, 3).map_err(err)?;
+        let cfg = drop.config().map_err(err)?;
+        let mut r = rng(200 + i as u64);
+        let x: Vec<TX> = random_vec(&mut r, tokens * s.ld_x);
+        let a: Vec<TW> = random_vec(&mut r, rank * d_in);
+        let gpu = run_dropout_shrink(dev, &drop, &x, &a, &s, base)?;
+        let again = run_dropout_shrink(dev, &drop, &x, &a, &s, base)?;
+        let emu = run_dropout_shrink(&Emu, &drop, &x, &a, &s, base)?;
+        let cpu = run_dropout_shrink(&Cpu, &drop, &x, &a, &s, base)?;
+        let mut xh = vec![0.0f32; x.len()];
+        for t in 0..tokens {
+            for k in 0..d_in {
+                let keep = cfg.keeps(((base + t) * d_in + k) as u64);
+                xh[t * s.ld_x + k] = cfg.xhat(x[t * s.ld_x + k], keep) as f32;
+            }
+        }
+        let plain = run_shrink(dev, &xh, &a, &s)?;
+        let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
+        check(bits(&gpu) == bits(&again), || {
+            "run-to-run difference".into()
+        })?;
+        check(bits(&gpu) == bits(&emu), || {
+            format!("{s:?}: cuda and emu differ")
+        })?;
+        check(bits(&gpu) == bits(&plain), || {
+            format!("{s:?}: fused differs from shrink_dense(x̂)")
+        })?;
+        for (k, (g, w)) in gpu.iter().zip(&cpu).enumerate() {
+            let (t, j) = (k / s.ld_u, k % s.ld_u);
+            if j == rank {
+                check(g.to_bits() == POISON.to_bits(), || {
+                    format!("padding u[{k}] written")
+                })?;
+                continue;
+            }
+            let abs_sum: f64 = (0..d_in)
+                .map(|c| (xh[t * s.ld_x + c] as f64 * a[j * d_in + c].to_f64()).abs())
+                .sum();
+            let tol = dot_tolerance(d_in, 32, 5, abs_sum) + (*w as f64).abs() * f64::powi(2.0, -24);
+            check((*g as f64 - *w as f64).abs() <= tol, || {
+                format!("u[{t},{j}]: cuda {g}, cpu {w}, tol {tol:e} ({s:?})")
+            })?;
+        }
+        // Batch invariance: the last token alone, with its original index.
+        let t = tokens - 1;
+        let alone = run_dropout_shrink(
+            dev,
+            &drop,
+            &x[t * s.ld_x..(t + 1) * s.ld_x],
+            &a,
+            &ShrinkDense { tokens: 1, ..s },
+            base + t,
+        )?;
+        check(
+            bits(&alone) == bits(&gpu[t * s.ld_u..(t + 1) * s.ld_u]),
+            || format!("{s:?}: token {t} alone differs"),
+        )?;
+    }
+    Ok(())
 }

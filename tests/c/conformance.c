@@ -248,6 +248,134 @@ static void test_sgmv(void) {
   free(ews);
 }
 
+/* ---- fused Philox dropout: kernels vs a plain C Philox4x32-10 loop (DESIGN.md §2) ---- */
+static void philox(const uint32_t ctr_in[4], const uint32_t key_in[2], uint32_t out[4]) {
+  uint32_t c[4] = {ctr_in[0], ctr_in[1], ctr_in[2], ctr_in[3]}, k0 = key_in[0], k1 = key_in[1];
+  for (int r = 0; r < 10; r++) {
+    uint64_t p0 = (uint64_t)0xD2511F53u * c[0], p1 = (uint64_t)0xCD9E8D57u * c[2];
+    uint32_t n0 = (uint32_t)(p1 >> 32) ^ c[1] ^ k0, n1 = (uint32_t)p1, n2 = (uint32_t)(p0 >> 32) ^ c[3] ^ k1,
+             n3 = (uint32_t)p0;
+    c[0] = n0;
+    c[1] = n1;
+    c[2] = n2;
+    c[3] = n3;
+    k0 += 0x9E3779B9u;
+    k1 += 0xBB67AE85u;
+  }
+  memcpy(out, c, sizeof c);
+}
+
+static int c_keeps(uint64_t seed, uint64_t offset, uint32_t threshold, float keep_scale, uint64_t e) {
+  if (keep_scale == 0.0f) return 0;
+  if (threshold == 0) return 1;
+  uint32_t ctr[4] = {(uint32_t)(e / 4), (uint32_t)((e / 4) >> 32), (uint32_t)offset, (uint32_t)(offset >> 32)};
+  uint32_t key[2] = {(uint32_t)seed, (uint32_t)(seed >> 32)}, w[4];
+  philox(ctr, key, w);
+  return w[e % 4] >= threshold;
+}
+
+static void test_philox_kat(void) {
+  const uint32_t c1[4] = {0, 0, 0, 0}, k1[2] = {0, 0}, w1[4] = {0x6627e8d5, 0xe169c58d, 0xbc57ac4c, 0x9b00dbd8};
+  const uint32_t c2[4] = {~0u, ~0u, ~0u, ~0u}, k2[2] = {~0u, ~0u},
+                 w2[4] = {0x408f276d, 0x41c83b0e, 0xa20bc7c6, 0x6d5451fd};
+  const uint32_t c3[4] = {0x243f6a88, 0x85a308d3, 0x13198a2e, 0x03707344}, k3[2] = {0xa4093822, 0x299f31d0},
+                 w3[4] = {0xd16cfe09, 0x94fdcceb, 0x5001e420, 0x24126ea1};
+  uint32_t out[4];
+  philox(c1, k1, out);
+  check(memcmp(out, w1, sizeof out) == 0, "C philox KAT 1");
+  philox(c2, k2, out);
+  check(memcmp(out, w2, sizeof out) == 0, "C philox KAT 2");
+  philox(c3, k3, out);
+  check(memcmp(out, w3, sizeof out) == 0, "C philox KAT 3");
+}
+
+static void test_dropout(double prob, int backward) {
+  enum { TOK = 7, DD = 37, LDX = 40, LDY = 38, BASE = 1234567 };
+  const uint64_t seed = 0x0123456789abcdefull, offset = 0x1000000005ull;
+  double th = floor(prob * 4294967296.0);
+  uint32_t threshold = th > 4294967295.0 ? 4294967295u : (uint32_t)th;
+  float keep_scale = prob == 1.0 ? 0.0f : (float)(1.0 / (1.0 - prob));
+  float x[TOK * LDX], y[TOK * LDY];
+  for (int i = 0; i < TOK * LDX; i++) x[i] = random_unit();
+  for (int i = 0; i < TOK * LDY; i++) y[i] = NAN;
+  LkDropoutParams p;
+  memset(&p, 0, sizeof p);
+  p.x = x;
+  p.y = y;
+  p.ld_x = LDX;
+  p.ld_y = LDY;
+  p.token_base = BASE;
+  p.drop.seed = seed;
+  p.drop.offset = offset;
+  p.drop.threshold = threshold;
+  p.drop.keep_scale = keep_scale;
+  p.tokens = TOK;
+  p.d = DD;
+  p.dtype = LK_F32;
+  int rc = backward ? lk_emu_dropout_backward(&p, NULL) : lk_emu_dropout_forward(&p, NULL);
+  check(rc == 0, "lk_emu_dropout_forward/backward returns 0");
+  int ok = 1, kept = 0;
+  for (int t = 0; t < TOK; t++) {
+    for (int c = 0; c < LDY; c++) {
+      float got = y[t * LDY + c];
+      if (c >= DD) {
+        if (!isnan(got)) ok = 0;
+        continue;
+      }
+      int keep = c_keeps(seed, offset, threshold, keep_scale, (uint64_t)(BASE + t) * DD + c);
+      float want = keep ? x[t * LDX + c] * keep_scale : 0.0f;
+      kept += keep;
+      if (memcmp(&got, &want, sizeof got) != 0) ok = 0;
+    }
+  }
+  char what[160];
+  snprintf(what, sizeof what, "dropout %s p=%.2f (kept %d of %d) matches the C Philox loop bit for bit",
+           backward ? "backward" : "forward", prob, kept, TOK * DD);
+  check(ok, what);
+
+  /* Fused shrink against a C loop over the same mask (f64 reference, shrink tolerance). */
+  enum { RANK = 5 };
+  float a[RANK * DD], u[TOK * RANK];
+  for (int i = 0; i < RANK * DD; i++) a[i] = random_unit();
+  LkShrinkDenseDropoutParams q;
+  memset(&q, 0, sizeof q);
+  q.x = x;
+  q.a = a;
+  q.u = u;
+  q.ld_x = LDX;
+  q.lda = DD;
+  q.ld_u = RANK;
+  q.token_base = BASE;
+  q.drop = p.drop;
+  q.tokens = TOK;
+  q.d_in = DD;
+  q.rank = RANK;
+  q.x_dtype = q.w_dtype = LK_F32;
+  check(lk_emu_dropout_shrink_dense(&q, NULL) == 0, "lk_emu_dropout_shrink_dense returns 0");
+  ok = 1;
+  for (int t = 0; t < TOK; t++) {
+    for (int j = 0; j < RANK; j++) {
+      double ref = 0.0, mag = 0.0;
+      for (int k = 0; k < DD; k++) {
+        int keep = c_keeps(seed, offset, threshold, keep_scale, (uint64_t)(BASE + t) * DD + k);
+        float xh = keep ? x[t * LDX + k] * keep_scale : 0.0f;
+        ref += (double)xh * a[j * DD + k];
+        mag += fabs((double)xh * a[j * DD + k]);
+      }
+      if (!(fabs(u[t * RANK + j] - ref) <= 1e-6 * (DD / 32 + 6) * mag + 1e-30)) ok = 0;
+    }
+  }
+  snprintf(what, sizeof what, "dropout_shrink_dense p=%.2f matches the C loop", prob);
+  check(ok, what);
+
+  /* The launcher validates what kernels must not see: a NaN keep scale, a negative token base. */
+  p.drop.keep_scale = NAN;
+  check(lk_emu_dropout_forward(&p, NULL) == LK_ERR_INVALID_ARGUMENT, "NaN keep_scale → invalid argument");
+  p.drop.keep_scale = keep_scale;
+  p.token_base = -1;
+  check(lk_emu_dropout_forward(&p, NULL) == LK_ERR_INVALID_ARGUMENT, "negative token_base → invalid argument");
+}
+
 int main(void) {
   test_bgmv();
   test_sgmv();
@@ -256,6 +384,12 @@ int main(void) {
   test_shrink_dense(5, 127, 16);
   test_shrink_dense(2, 4097, 3);
   test_errors();
+  test_philox_kat();
+  test_dropout(0.0, 0);
+  test_dropout(0.3, 0);
+  test_dropout(0.3, 1);
+  test_dropout(0.9, 1);
+  test_dropout(1.0, 0);
   printf("%d passed, %d failed\n", passed, failed);
   return failed == 0 ? 0 : 1;
 }
