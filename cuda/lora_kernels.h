@@ -291,8 +291,125 @@ typedef struct LkShrinkDenseDropoutParams {
 
 /* =============================================================================================
  * Training: LoRA backward with W frozen (DESIGN.md §4). List: LK_BACKWARD_LAUNCHERS.
+ *
+ * With x̂ = m ⊙ x / (1 − p) (dropout), u = x̂ · Aᵀ (f32, unscaled, saved by the forward), G = dL/dout:
+ *   du = s · G · B          [tokens, rank] f32 (overwritten)
+ *   dB = s · Gᵀ · u         [d_out, rank]  f32 (overwritten, or accumulated: dB += …)
+ *   dA = duᵀ · x̂            [rank, d_in]   f32 (overwritten, or accumulated)
+ *   dx += m ⊙ (du · A) / (1 − p)           (accumulated; the G · W part is the base GEMM's)
+ * dA and dB reduce over tokens with a fixed split (pieces of C = max(256, ceil(tokens / 32)) tokens,
+ * partials in the workspace, summed in piece order by a second pass): no float atomics, bit-identical
+ * run to run and under any schedule. x, G and dx are each in the weights' dtype or f32.
+ *
+ * Dropout fields (seed, offset(s), threshold, keep_scale; DESIGN.md §2 "Dropout") are part of the ABI
+ * already, but dropout in the backward is NOT implemented yet: dropout_threshold must be 0 (p = 0, x̂ = x)
+ * and dropout_keep_scale 1; anything else returns LK_ERR_INVALID_ARGUMENT.
  * ============================================================================================= */
-#define LK_BACKWARD_LAUNCHERS(X)
+
+/* Gradient mode of dA / dB. */
+enum { LK_GRAD_OVERWRITE = 0, LK_GRAD_ACCUMULATE = 1 };
+
+/* Single adapter, dense rows. Leading dimensions in elements. */
+typedef struct LkBackwardDenseParams {
+  const void* x;   /* [tokens, d_in]  (ld_x),  x_dtype: the layer input the forward saw */
+  const void* g;   /* [tokens, d_out] (ld_g),  g_dtype: dL/dout */
+  const float* u;  /* [tokens, rank]  (ld_u),  f32: the forward's unscaled x̂ · Aᵀ */
+  const void* a;   /* [rank, d_in]    (lda),   w_dtype */
+  const void* b;   /* [d_out, rank]   (ldb),   w_dtype */
+  float* da;       /* [rank, d_in]    (ld_da), f32 */
+  float* db;       /* [d_out, rank]   (ld_db), f32 */
+  float* du;       /* [tokens, rank]  (ld_du), f32, overwritten (scratch or returned) */
+  void* dx;        /* [tokens, d_in]  (ld_dx), dx_dtype, accumulated; null = input gradient not wanted */
+  void* workspace; /* lk_<backend>_backward_dense_workspace_size(p) bytes (null when that is 0) */
+  int64_t ld_x;
+  int64_t ld_g;
+  int64_t ld_u;
+  int64_t lda;
+  int64_t ldb;
+  int64_t ld_da;
+  int64_t ld_db;
+  int64_t ld_du;
+  int64_t ld_dx;
+  uint64_t dropout_seed;   /* reserved: dropout is not implemented yet (threshold must be 0) */
+  uint64_t dropout_offset; /* reserved, as dropout_seed */
+  int32_t tokens;
+  int32_t d_in;
+  int32_t d_out;
+  int32_t rank;
+  float scale;        /* s = alpha / rank (or alpha / sqrt(rank)) */
+  int32_t grad_mode;  /* LK_GRAD_OVERWRITE or LK_GRAD_ACCUMULATE (dA, dB) */
+  int32_t x_dtype;    /* LkDtype: the weights' dtype or LK_F32 */
+  int32_t g_dtype;    /* LkDtype: the weights' dtype or LK_F32 */
+  int32_t dx_dtype;   /* LkDtype: the weights' dtype or LK_F32 (ignored when dx is null) */
+  int32_t w_dtype;    /* LkDtype */
+  uint32_t dropout_threshold; /* must be 0 for now (p = 0) */
+  float dropout_keep_scale;   /* must be 1 for now */
+} LkBackwardDenseParams;
+
+/* Gradient buffers of one (adapter, slice), indexed like the adapter table (adapter * n_slices + slice).
+ *   da: [rank, d_in] f32, row stride ld_da >= d_in;  db: [n_s, rank] f32, row stride ld_db >= rank.
+ * A null da (db) means that gradient is not wanted (e.g. a frozen adapter in the batch): du and dx are
+ * still computed. */
+typedef struct LkAdapterGradEntry {
+  float* da;
+  float* db;
+  int64_t ld_da;
+  int64_t ld_db;
+} LkAdapterGradEntry;
+
+/* Several adapters in one batch, over SGMV segments (the same plan as the forward's SGMV: row_index,
+ * seg_starts, seg_adapter, n_segments; see "SGMV" above). u and du are f32 [n_slices, tokens, r_cap]
+ * indexed by the original token, as the forward's u; G's slice s is columns [off_s, off_s + n_s) of
+ * g (ld_g). dx[t] += Σ_s du_s[t] · A_s. Backward needs each adapter's tokens in one segment: among the
+ * non-empty segments with an adapter >= 0 the adapter ids must increase strictly (the planner's output
+ * does); otherwise, or if the metadata is invalid as for SGMV, the launch writes nothing and sets
+ * LK_FAULT_SEGMENTS (LK_FAULT_ROW_INDEX). row_index must be a permutation (as for SGMV).
+ * Gradients of (adapter, slice) pairs that receive no token are untouched in both grad modes (zero them
+ * first when overwriting); tokens in −1 segments or uncovered are untouched (du, dx). An invalid table
+ * entry is skipped in that slice and flagged (LK_FAULT_TABLE_ENTRY), as in the forward. */
+typedef struct LkBackwardSgmvParams {
+  const void* x;
+  const void* g;
+  const float* u;
+  float* du;
+  void* dx;                        /* null = input gradient not wanted */
+  const LkAdapterEntry* table;     /* [n_adapters * n_slices] */
+  const LkAdapterGradEntry* grads; /* [n_adapters * n_slices] */
+  const int32_t* row_index;        /* [tokens] or null */
+  const int32_t* seg_starts;       /* [max_segments + 1] */
+  const int32_t* seg_adapter;      /* [max_segments] */
+  const int32_t* n_segments;       /* device scalar */
+  uint32_t* error_word;
+  void* workspace;                 /* lk_<backend>_backward_sgmv_workspace_size(p) bytes */
+  int64_t ld_x;
+  int64_t ld_g;
+  int64_t ld_dx;
+  LkSlice slices[LK_MAX_SLICES];
+  uint64_t dropout_seed;                   /* reserved (threshold must be 0) */
+  uint64_t dropout_offset[LK_MAX_SLICES];  /* reserved: one stream per slice (target module) */
+  int32_t tokens;
+  int32_t max_segments;
+  int32_t d_in;
+  int32_t n_adapters;
+  int32_t n_slices;
+  int32_t r_cap;
+  int32_t grad_mode;
+  int32_t x_dtype;
+  int32_t g_dtype;
+  int32_t dx_dtype;
+  int32_t w_dtype;
+  uint32_t dropout_threshold; /* must be 0 for now */
+  float dropout_keep_scale;   /* must be 1 for now */
+} LkBackwardSgmvParams;
+
+size_t lk_cuda_backward_dense_workspace_size(const LkBackwardDenseParams* p);
+size_t lk_emu_backward_dense_workspace_size(const LkBackwardDenseParams* p);
+size_t lk_cuda_backward_sgmv_workspace_size(const LkBackwardSgmvParams* p);
+size_t lk_emu_backward_sgmv_workspace_size(const LkBackwardSgmvParams* p);
+
+#define LK_BACKWARD_LAUNCHERS(X)               \
+  X(backward_dense, LkBackwardDenseParams)     \
+  X(backward_sgmv, LkBackwardSgmvParams)
 
 /* =============================================================================================
  * In-place merge / unmerge of scale·B·A into W (DESIGN.md §2 "Merge"). List: LK_MERGE_LAUNCHERS.

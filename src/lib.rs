@@ -12,6 +12,7 @@
 
 pub mod adapter;
 pub mod backend;
+pub mod backward;
 pub mod bgmv;
 pub mod dropout;
 pub mod dtype;

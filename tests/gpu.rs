@@ -8,11 +8,17 @@ use common::selftest::*;
 use common::serving::*;
 use common::*;
 use libtest_mimic::{Arguments, Completion, Failed, Trial};
+use lora_kernels::adapter::{AdapterTableBuilder, LoraWeights, Slice};
+use lora_kernels::backward::{
+    backward_dense, backward_dense_workspace_bytes, BackwardDense, BackwardSgmv, DenseGrads,
+    DenseInputs, Dropout as BackwardDropout, GradMode, GradTableBuilder, SgmvInputs, SgmvOutputs,
+};
 use lora_kernels::dropout::{
     dropout_backward, dropout_forward, shrink_dense_dropout, Dropout, DropoutShape,
 };
+use lora_kernels::sgmv::SgmvPlan;
 use lora_kernels::shrink::{shrink_dense, ShrinkDense};
-use lora_kernels::{bf16, f16, Backend, Cpu, Cuda, Emu, Error, Float};
+use lora_kernels::{bf16, f16, Backend, Cpu, Cuda, DType, Emu, Error, Float};
 
 type GpuTest = fn(&Cuda) -> Result<(), Failed>;
 
@@ -111,6 +117,36 @@ fn main() {
             "dropout_shrink_f32_x_f16_w_matches_cpu_and_emu",
             dropout_shrink_case::<f32, f16>,
         ),
+        (
+            "backward_dense_f32_matches_cpu",
+            backward_dense_matches_cpu::<f32, f32>,
+        ),
+        (
+            "backward_dense_f16_matches_cpu",
+            backward_dense_matches_cpu::<f16, f16>,
+        ),
+        (
+            "backward_dense_bf16_matches_cpu",
+            backward_dense_matches_cpu::<bf16, bf16>,
+        ),
+        (
+            "backward_dense_f32_act_bf16_w_matches_cpu",
+            backward_dense_matches_cpu::<f32, bf16>,
+        ),
+        (
+            "backward_dense_bit_identical_to_emu",
+            backward_dense_bit_identical_to_emu,
+        ),
+        ("backward_dense_deterministic", backward_dense_deterministic),
+        (
+            "backward_sgmv_f16_matches_cpu",
+            backward_sgmv_matches_cpu::<f16>,
+        ),
+        (
+            "backward_sgmv_bf16_matches_cpu",
+            backward_sgmv_matches_cpu::<bf16>,
+        ),
+        ("backward_rejects_bad_input", backward_rejects_bad_input),
     ];
     let trials = tests
         .iter()
@@ -725,4 +761,342 @@ fn dropout_shrink_case<TX: Float, TW: Float>(dev: &Cuda) -> Result<(), Failed> {
         )?;
     }
     Ok(())
+}
+
+// ------------------------------------------------------------------------------------------------
+// LoRA backward (tests/backward.rs has the per-element tolerance analysis on the emulator). Here the
+// GPU is compared with the cpu reference per output: |cuda − cpu| ≤ u_out·|cpu| + 2⁻¹⁴·max|cpu| —
+// f32 accumulation over ≤ 4096 terms of random sign stays far inside 2⁻¹⁴ of the output's scale.
+
+struct BwdOut {
+    da: Vec<f32>,
+    db: Vec<f32>,
+    du: Vec<f32>,
+    dx: Vec<f64>,
+}
+
+struct BwdData<TX, TW> {
+    x: Vec<TX>,
+    g: Vec<TX>,
+    u: Vec<f32>,
+    a: Vec<TW>,
+    b: Vec<TW>,
+    da: Vec<f32>,
+    db: Vec<f32>,
+    dx: Vec<TX>,
+}
+
+fn bwd_data<TX: Float, TW: Float>(s: &BackwardDense, seed: u64) -> BwdData<TX, TW> {
+    let mut r = rng(seed);
+    BwdData {
+        x: random_vec(&mut r, s.tokens * s.ld_x),
+        g: random_vec(&mut r, s.tokens * s.ld_g),
+        u: random_vec(&mut r, s.tokens * s.ld_u),
+        a: random_vec(&mut r, s.rank * s.lda),
+        b: random_vec(&mut r, s.d_out * s.ldb),
+        da: random_vec(&mut r, s.rank * s.ld_da),
+        db: random_vec(&mut r, s.d_out * s.ld_db),
+        dx: random_vec(&mut r, s.tokens * s.ld_dx),
+    }
+}
+
+fn run_bwd_dense<B: Backend, TX: Float, TW: Float>(
+    b: &B,
+    s: &BackwardDense,
+    d: &BwdData<TX, TW>,
+) -> Result<BwdOut, Failed> {
+    let up = |v: &[f32]| b.upload(v).map_err(err);
+    let (x, g, a, bw) = (
+        b.upload(&d.x).map_err(err)?,
+        b.upload(&d.g).map_err(err)?,
+        b.upload(&d.a).map_err(err)?,
+        b.upload(&d.b).map_err(err)?,
+    );
+    let u = up(&d.u)?;
+    let (mut da, mut db, mut du) = (
+        up(&d.da)?,
+        up(&d.db)?,
+        up(&vec![POISON; s.tokens * s.ld_du])?,
+    );
+    let mut dx = b.upload(&d.dx).map_err(err)?;
+    let mut ws = b
+        .alloc::<u8>(backward_dense_workspace_bytes(b, s))
+        .map_err(err)?;
+    backward_dense(
+        b,
+        s,
+        DenseInputs {
+            x: &x,
+            g: &g,
+            u: &u,
+            a: &a,
+            b: &bw,
+        },
+        DenseGrads {
+            da: &mut da,
+            db: &mut db,
+            du: &mut du,
+            dx: Some(&mut dx),
+        },
+        &mut ws,
+    )
+    .map_err(err)?;
+    Ok(BwdOut {
+        da: b.download(&da).map_err(err)?,
+        db: b.download(&db).map_err(err)?,
+        du: b.download(&du).map_err(err)?,
+        dx: b
+            .download(&dx)
+            .map_err(err)?
+            .iter()
+            .map(|v| v.to_f64())
+            .collect(),
+    })
+}
+
+fn compare(name: &str, got: &[f64], want: &[f64], u_out: f64) -> Result<(), Failed> {
+    let scale = want
+        .iter()
+        .filter(|v| !v.is_nan())
+        .fold(0.0f64, |m, v| m.max(v.abs()));
+    for (i, (g, w)) in got.iter().zip(want).enumerate() {
+        if w.is_nan() {
+            check(g.is_nan(), || {
+                format!("{name}[{i}]: cuda wrote {g} over poison")
+            })?;
+            continue;
+        }
+        let tol = u_out * w.abs() + f64::powi(2.0, -14) * scale;
+        check((g - w).abs() <= tol, || {
+            format!("{name}[{i}]: cuda {g}, cpu {w}, tol {tol:e}")
+        })?;
+    }
+    Ok(())
+}
+
+fn f64s(v: &[f32]) -> Vec<f64> {
+    v.iter().map(|&x| x as f64).collect()
+}
+
+fn unit_out(d: DType) -> f64 {
+    match d {
+        DType::F16 => f64::powi(2.0, -11),
+        DType::BF16 => f64::powi(2.0, -8),
+        _ => f64::powi(2.0, -24),
+    }
+}
+
+fn backward_dense_matches_cpu<TX: Float, TW: Float>(dev: &Cuda) -> Result<(), Failed> {
+    for (i, &(t, di, dout, r, acc)) in [
+        (1, 1, 1, 1, false),
+        (3, 17, 5, 3, true),
+        (300, 127, 33, 17, false),
+        (1000, 4096, 1024, 16, true),
+        (4097, 515, 257, 64, true),
+    ]
+    .iter()
+    .enumerate()
+    {
+        let mut s = BackwardDense::new(t, di, dout, r, 0.5);
+        s.ld_du = r + 1;
+        s.mode = if acc {
+            GradMode::Accumulate
+        } else {
+            GradMode::Overwrite
+        };
+        let d = bwd_data::<TX, TW>(&s, 300 + i as u64);
+        let got = run_bwd_dense(dev, &s, &d)?;
+        let want = run_bwd_dense(&Cpu, &s, &d)?;
+        compare("du", &f64s(&got.du), &f64s(&want.du), 0.0)?;
+        compare("dA", &f64s(&got.da), &f64s(&want.da), 0.0)?;
+        compare("dB", &f64s(&got.db), &f64s(&want.db), 0.0)?;
+        compare("dx", &got.dx, &want.dx, unit_out(TX::DTYPE))?;
+    }
+    Ok(())
+}
+
+/// Same fixed orders and explicit fmaf on both: the same bits.
+fn backward_dense_bit_identical_to_emu(dev: &Cuda) -> Result<(), Failed> {
+    let mut s = BackwardDense::new(300, 131, 70, 17, 0.5);
+    s.mode = GradMode::Accumulate;
+    let d = bwd_data::<bf16, bf16>(&s, 7);
+    let gpu = run_bwd_dense(dev, &s, &d)?;
+    let emu = run_bwd_dense(&Emu, &s, &d)?;
+    let same = |a: &[f32], b: &[f32]| {
+        a.iter()
+            .map(|v| v.to_bits())
+            .eq(b.iter().map(|v| v.to_bits()))
+    };
+    check(same(&gpu.du, &emu.du), || "du: cuda and emu differ".into())?;
+    check(same(&gpu.da, &emu.da), || "dA: cuda and emu differ".into())?;
+    check(same(&gpu.db, &emu.db), || "dB: cuda and emu differ".into())?;
+    check(gpu.dx == emu.dx, || "dx: cuda and emu differ".into())
+}
+
+fn backward_dense_deterministic(dev: &Cuda) -> Result<(), Failed> {
+    let mut s = BackwardDense::new(8192, 4096, 4096, 16, 2.0);
+    s.mode = GradMode::Accumulate;
+    let d = bwd_data::<f16, f16>(&s, 8);
+    let first = run_bwd_dense(dev, &s, &d)?;
+    for _ in 0..2 {
+        let again = run_bwd_dense(dev, &s, &d)?;
+        check(
+            again.da == first.da
+                && again.db == first.db
+                && again.du == first.du
+                && again.dx == first.dx,
+            || "run-to-run difference".into(),
+        )?;
+    }
+    Ok(())
+}
+
+/// Several adapters (mixed ranks, a −1 segment, an adapter without tokens, a segment longer than one
+/// piece) in one launch, two slices.
+fn backward_sgmv_matches_cpu<TW: Float>(dev: &Cuda) -> Result<(), Failed> {
+    fn run<B: Backend, TW: Float>(b: &B, seed: u64) -> Result<Vec<Vec<f64>>, Failed> {
+        let (t, di) = (2000usize, 1031usize);
+        let slices = [
+            Slice { n: 515, offset: 0 },
+            Slice {
+                n: 129,
+                offset: 515,
+            },
+        ];
+        let ranks = [[16usize, 8], [33, 0], [4, 4], [8, 8]];
+        let mut r = rng(seed);
+        let w: Vec<Vec<(Vec<TW>, Vec<TW>)>> = ranks
+            .iter()
+            .map(|rk| {
+                (0..2)
+                    .map(|s| {
+                        (
+                            random_vec(&mut r, rk[s] * di),
+                            random_vec(&mut r, slices[s].n * rk[s]),
+                        )
+                    })
+                    .collect()
+            })
+            .collect();
+        let dw: Vec<Vec<_>> = w
+            .iter()
+            .map(|p| {
+                p.iter()
+                    .map(|(a, bb)| (b.upload(a).unwrap(), b.upload(bb).unwrap()))
+                    .collect()
+            })
+            .collect();
+        let mut builder = AdapterTableBuilder::new(4, di, &slices, TW::DTYPE).map_err(err)?;
+        for (a, rk) in ranks.iter().enumerate() {
+            for s in 0..2 {
+                builder
+                    .set(
+                        b,
+                        a,
+                        s,
+                        &dw[a][s].0,
+                        &dw[a][s].1,
+                        LoraWeights::packed(rk[s], 0.5 + a as f32, di),
+                    )
+                    .map_err(err)?;
+            }
+        }
+        let table = builder.build(b).map_err(err)?;
+        let mut rows: Vec<i32> = (0..t as i32).collect();
+        use rand::seq::SliceRandom;
+        rows.shuffle(&mut r);
+        // segments: adapter 0: 1200 (5 pieces of 256), −1: 100, adapter 1: 300, adapter 2: 0, adapter 3: 400.
+        let starts = [0, 1200, 1300, 1600, 1600, 2000];
+        let plan =
+            SgmvPlan::from_host(b, Some(&rows), &starts, &[0, -1, 1, 2, 3], 5, t).map_err(err)?;
+        let mut grads: Vec<Vec<_>> = ranks
+            .iter()
+            .map(|rk| {
+                (0..2)
+                    .map(|s| {
+                        let da: Vec<f32> = random_vec(&mut r, rk[s] * di);
+                        let db: Vec<f32> = random_vec(&mut r, slices[s].n * rk[s]);
+                        (b.upload(&da).unwrap(), b.upload(&db).unwrap())
+                    })
+                    .collect()
+            })
+            .collect();
+        let x: Vec<TW> = random_vec(&mut r, t * di);
+        let g: Vec<TW> = random_vec(&mut r, t * 644);
+        let u: Vec<f32> = random_vec(&mut r, 2 * t * 33);
+        let dx0: Vec<f32> = random_vec(&mut r, t * di);
+        let (x, g, u) = (
+            b.upload(&x).map_err(err)?,
+            b.upload(&g).map_err(err)?,
+            b.upload(&u).map_err(err)?,
+        );
+        let mut du = b.upload(&vec![POISON; 2 * t * 33]).map_err(err)?;
+        let mut dx = b.upload(&dx0).map_err(err)?;
+        let mut errw = b.alloc::<u32>(1).map_err(err)?;
+        {
+            let mut gt = GradTableBuilder::new(&table);
+            for (a, p) in grads.iter_mut().enumerate() {
+                for (s, (da, db)) in p.iter_mut().enumerate() {
+                    gt.set(b, a, s, Some(da), di, Some(db), ranks[a][s])
+                        .map_err(err)?;
+                }
+            }
+            let gtab = gt.build(b).map_err(err)?;
+            let bwd = BackwardSgmv::new(&table, &gtab, &plan).map_err(err)?;
+            let mut ws = b.alloc::<u8>(bwd.workspace_bytes(b)).map_err(err)?;
+            bwd.run(
+                b,
+                SgmvInputs {
+                    x: &x,
+                    ld_x: di,
+                    g: &g,
+                    ld_g: 644,
+                    u: &u,
+                },
+                SgmvOutputs {
+                    du: &mut du,
+                    dx: Some(&mut dx),
+                    ld_dx: di,
+                },
+                GradMode::Accumulate,
+                &BackwardDropout::NONE,
+                &mut ws,
+                Some(&mut errw),
+            )
+            .map_err(err)?;
+        }
+        let mut out = vec![
+            f64s(&b.download(&du).map_err(err)?),
+            f64s(&b.download(&dx).map_err(err)?),
+            vec![b.download(&errw).map_err(err)?[0] as f64],
+        ];
+        for p in &grads {
+            for (da, db) in p {
+                out.push(f64s(&b.download(da).map_err(err)?));
+                out.push(f64s(&b.download(db).map_err(err)?));
+            }
+        }
+        Ok(out)
+    }
+    let got = run::<Cuda, TW>(dev, 77)?;
+    let want = run::<Cpu, TW>(&Cpu, 77)?;
+    check(got[2] == vec![0.0] && want[2] == vec![0.0], || {
+        format!("error words {:?} {:?}", got[2], want[2])
+    })?;
+    for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+        compare(&format!("output {i}"), g, w, 0.0)?;
+    }
+    Ok(())
+}
+
+fn backward_rejects_bad_input(dev: &Cuda) -> Result<(), Failed> {
+    let mut s = BackwardDense::new(4, 8, 8, 2, 1.0);
+    s.dropout.p = 0.1;
+    let d = bwd_data::<f32, f32>(&s, 1);
+    match run_bwd_dense(dev, &s, &d) {
+        Err(e) => check(format!("{e:?}").contains("dropout.p"), || {
+            format!("unexpected error {e:?}")
+        }),
+        Ok(_) => Err("dropout p = 0.1 was accepted".into()),
+    }
 }
