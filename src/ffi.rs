@@ -118,7 +118,11 @@ pub(crate) unsafe fn launch<B: Backend, P>(
 macro_rules! pick_launcher {
     ($launchers:expr, $emu:path, $cuda:path) => {{
         #[cfg(feature = "cuda")]
-        let f = if $launchers.backend == "cuda" { $cuda } else { $emu };
+        let f = if $launchers.backend == "cuda" {
+            $cuda
+        } else {
+            $emu
+        };
         #[cfg(not(feature = "cuda"))]
         let f = {
             let _ = &$launchers;

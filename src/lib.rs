@@ -16,6 +16,7 @@ pub mod bgmv;
 pub mod dtype;
 pub mod error;
 pub mod ffi;
+pub mod merge;
 pub mod ptxas;
 pub mod sgmv;
 pub mod shrink;
