@@ -413,8 +413,82 @@ size_t lk_emu_backward_sgmv_workspace_size(const LkBackwardSgmvParams* p);
 
 /* =============================================================================================
  * In-place merge / unmerge of scale·B·A into W (DESIGN.md §2 "Merge"). List: LK_MERGE_LAUNCHERS.
+ *
+ * W is d_out × d_in. Stored layout: row-major [d_out, d_in] (row stride ld_w ≥ d_in), or with
+ * fan_in_fan_out = 1 (GPT-2 Conv1D) [d_in, d_out] (row stride ld_w ≥ d_out). "Stored rows/cols"
+ * below are those of the stored matrix; the flat index of a stored element (row p, col q) is
+ * e = p · cols + q (no padding). A is [rank, d_in] (lda ≥ d_in), B is [d_out, rank] (ldb ≥ rank);
+ * A and B share one dtype: W's dtype or LK_F32. W is f32, f16 or bf16.
+ *
+ * Arithmetic (the same ops on cpu, emu and cuda: the same bits): for W element (i, j)
+ *   acc = 0; for r in 0..rank: acc = fmaf(B[i, r], A[r, j], acc)          (f32, increasing r)
+ *   merge:   W[i, j] = round(fmaf( scale, acc, W[i, j]))
+ *   unmerge: W[i, j] = round(fmaf(-scale, acc, W[i, j]))
+ * round = f32 → W's dtype, nearest-even; NaN results are stored as the canonical NaN (0x7fff for
+ * f16/bf16, 0x7fffffff for f32). scale must be finite.
+ *
+ * Modes (flags):
+ *  0                one pass, writes W.
+ *  LK_MERGE_SAFE    a check pass computes every would-be result; if any is non-finite, nothing is
+ *                   written and LK_MERGE_STATUS_NONFINITE is set in *status. Needs the workspace.
+ *  LK_MERGE_EXACT   direction MERGE: also writes a correction record so that an exact unmerge
+ *                   restores W bit for bit; needs the workspace. If the exceptions do not fit in
+ *                   exc_capacity, NOTHING is written (W untouched), record_header[0] holds the number
+ *                   needed and LK_MERGE_STATUS_OVERFLOW is set: retry with a larger capacity.
+ *                   Combines with LK_MERGE_SAFE.
+ *                   direction UNMERGE: applies the record (no workspace; SAFE not allowed).
+ * Correction record of a merge with stored shape rows × cols:
+ *   codes[rows * ceil(cols / 16)]  2 bits per element, element (p, q) in word p·ceil(cols/16) + q/16
+ *       at bit 2·(q % 16). With u = the plain unmerge of the merged value and key() the order-
+ *       preserving integer of W's bit pattern (key = mag for sign 0, −mag − 1 for sign 1, so −0 < +0):
+ *       0: W = u;  1: W = from_key(key(u) + 1);  2: W = from_key(key(u) − 1);  3: exception.
+ *   exc_index[exc_capacity] (u64 flat index e), exc_bits[exc_capacity] (the original bit pattern,
+ *       zero-extended): the exceptions, in increasing e.
+ *   record_header[2] (u64): [0] = number of exceptions (needed, even beyond capacity),
+ *       [1] = 1 if the record is valid (the merge was written), else 0.
+ * A record made on one backend applies on any other (same format, same bits).
+ * Graph-safe: geometry from host-known sizes; the write pass reads the check's verdict from the
+ * workspace on the device; *status is an error word (bits ORed in, never cleared: the caller zeroes
+ * it; null = no reporting).
  * ============================================================================================= */
-#define LK_MERGE_LAUNCHERS(X)
+enum { LK_MERGE_MERGE = 0, LK_MERGE_UNMERGE = 1 };
+enum { LK_MERGE_SAFE = 1, LK_MERGE_EXACT = 2 };
+enum {
+  LK_MERGE_STATUS_NONFINITE = 1u << 0, /* safe mode: a result was non-finite; W untouched */
+  LK_MERGE_STATUS_OVERFLOW = 1u << 1,  /* exact merge: exceptions exceed exc_capacity; W untouched */
+  LK_MERGE_STATUS_BAD_RECORD = 1u << 2 /* exact unmerge: record invalid (W untouched) or an index out
+                                          of range (that exception skipped) */
+};
+
+typedef struct LkMergeParams {
+  void* w;
+  const void* a;
+  const void* b;
+  uint32_t* status;         /* error word, may be null */
+  void* workspace;          /* lk_<backend>_merge_workspace_size(p) bytes (safe / exact merge) */
+  uint32_t* codes;          /* exact */
+  uint64_t* exc_index;      /* exact: [exc_capacity] */
+  uint32_t* exc_bits;       /* exact: [exc_capacity] */
+  uint64_t* record_header;  /* exact: [2] */
+  int64_t ld_w;
+  int64_t lda;
+  int64_t ldb;
+  int64_t exc_capacity;
+  int32_t d_out;
+  int32_t d_in;
+  int32_t rank;
+  float scale;
+  int32_t w_dtype;         /* LkDtype */
+  int32_t ab_dtype;        /* LkDtype: w_dtype or LK_F32 */
+  int32_t direction;       /* LK_MERGE_MERGE or LK_MERGE_UNMERGE */
+  int32_t fan_in_fan_out;  /* 0: W stored [d_out, d_in]; 1: [d_in, d_out] */
+  int32_t flags;           /* LK_MERGE_SAFE | LK_MERGE_EXACT */
+} LkMergeParams;
+
+size_t lk_cuda_merge_workspace_size(const LkMergeParams* p);
+size_t lk_emu_merge_workspace_size(const LkMergeParams* p);
+
+#define LK_MERGE_LAUNCHERS(X) X(merge_apply, LkMergeParams)
 
 /* The one list of launchers: X(symbol suffix, params type). Both prefixed sets are declared from it. */
 #define LK_LAUNCHERS(X)                     \

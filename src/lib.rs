@@ -18,6 +18,7 @@ pub mod dropout;
 pub mod dtype;
 pub mod error;
 pub mod ffi;
+pub mod merge;
 pub mod ptxas;
 pub mod sgmv;
 pub mod shrink;

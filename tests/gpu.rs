@@ -16,6 +16,10 @@ use lora_kernels::backward::{
 use lora_kernels::dropout::{
     dropout_backward, dropout_forward, shrink_dense_dropout, Dropout, DropoutShape,
 };
+use lora_kernels::merge::{
+    self, merge_exact, merge_safe, status as merge_status, unmerge_exact, Direction, HostRecord,
+    Lora, MergeFloat, MergeRecord, MergeScratch, MergeShape,
+};
 use lora_kernels::sgmv::SgmvPlan;
 use lora_kernels::shrink::{shrink_dense, ShrinkDense};
 use lora_kernels::{bf16, f16, Backend, Cpu, Cuda, DType, Emu, Error, Float};
@@ -147,6 +151,19 @@ fn main() {
             backward_sgmv_matches_cpu::<bf16>,
         ),
         ("backward_rejects_bad_input", backward_rejects_bad_input),
+        ("merge_f16_llama_bits_equal_cpu", |d| {
+            merge_case::<f16, f16>(d, MergeShape::new(4096, 4096), 16, 31)
+        }),
+        ("merge_bf16_odd_bits_equal_cpu", |d| {
+            merge_case::<bf16, bf16>(d, MergeShape::new(4097, 1031), 33, 32)
+        }),
+        ("merge_f32_fan_in_fan_out_rank256_bits_equal_cpu", |d| {
+            merge_case::<f32, f32>(d, MergeShape::fan_in_fan_out(1031, 515), 256, 33)
+        }),
+        ("merge_bf16_w_f32_adapters_bits_equal_cpu", |d| {
+            merge_case::<bf16, f32>(d, MergeShape::new(1024, 4096), 64, 34)
+        }),
+        ("merge_safe_refuses_non_finite", merge_safe_refuses),
     ];
     let trials = tests
         .iter()
@@ -1099,4 +1116,96 @@ fn backward_rejects_bad_input(dev: &Cuda) -> Result<(), Failed> {
         }),
         Ok(_) => Err("dropout p = 0.1 was accepted".into()),
     }
+}
+
+/// Merge on the GPU: cuda bits == cpu bits (merge and unmerge), exact records identical, and the
+/// exact round trip restores W bit for bit on cuda, also with the record applied crosswise.
+fn merge_case<TW: MergeFloat, TA: Float>(
+    dev: &Cuda,
+    shape: MergeShape,
+    rank: usize,
+    seed: u64,
+) -> Result<(), Failed> {
+    let mut r = rng(seed);
+    let (rows, cols) = shape.stored();
+    let w: Vec<TW> = (0..rows * cols)
+        .map(|_| TW::from_f64(rand::Rng::random_range(&mut r, -0.05..0.05)))
+        .collect();
+    let a: Vec<TA> = random_vec(&mut r, rank * shape.d_in);
+    let b: Vec<TA> = random_vec(&mut r, shape.d_out * rank);
+    let bits = |v: &[TW]| v.iter().map(|x| x.bits32()).collect::<Vec<_>>();
+    let scale = 0.5f32;
+    #[allow(clippy::too_many_arguments, clippy::type_complexity)]
+    fn go<B: Backend, TW: MergeFloat, TA: Float>(
+        be: &B,
+        w: &[TW],
+        a: &[TA],
+        b: &[TA],
+        shape: &MergeShape,
+        rank: usize,
+        scale: f32,
+        rec_in: Option<&HostRecord>,
+    ) -> lora_kernels::Result<(Vec<TW>, Vec<TW>, HostRecord, Vec<TW>)> {
+        let (ab, bb) = (be.upload(a)?, be.upload(b)?);
+        let l = Lora::packed(&ab, &bb, rank, shape.d_in, scale);
+        let mut wb = be.upload(w)?;
+        merge::merge(be, &mut wb, shape, &l)?;
+        let merged = be.download(&wb)?;
+        merge::unmerge(be, &mut wb, shape, &l)?;
+        let back = be.download(&wb)?;
+        let mut we = be.upload(w)?;
+        let mut rec = MergeRecord::alloc::<TW>(be, shape, shape.elements() / 8)?;
+        merge_exact(be, &mut we, shape, &l, &mut rec, false)?;
+        let host = rec.to_host(be)?;
+        let mut rec = match rec_in {
+            Some(h) => MergeRecord::from_host::<TW>(be, h)?,
+            None => rec,
+        };
+        unmerge_exact(be, &mut we, shape, &l, &mut rec)?;
+        Ok((merged, back, host, be.download(&we)?))
+    }
+    let (gm, gb, grec, gexact) = go(dev, &w, &a, &b, &shape, rank, scale, None).map_err(err)?;
+    let (cm, cb, crec, _) = go(&Cpu, &w, &a, &b, &shape, rank, scale, Some(&grec)).map_err(err)?;
+    check(bits(&gm) == bits(&cm), || {
+        "merge: cuda bits != cpu bits".into()
+    })?;
+    check(bits(&gb) == bits(&cb), || {
+        "unmerge: cuda bits != cpu bits".into()
+    })?;
+    check(grec == crec, || {
+        format!(
+            "records differ (cuda {:?}, cpu {:?})",
+            grec.header, crec.header
+        )
+    })?;
+    check(grec.header[1] == 1, || "record invalid".into())?;
+    check(bits(&gexact) == bits(&w), || "cuda exact round trip".into())?;
+    // cpu record on cuda.
+    let (_, _, _, cross) = go(dev, &w, &a, &b, &shape, rank, scale, Some(&crec)).map_err(err)?;
+    check(bits(&cross) == bits(&w), || {
+        "cpu record applied on cuda".into()
+    })
+}
+
+fn merge_safe_refuses(dev: &Cuda) -> Result<(), Failed> {
+    let shape = MergeShape::new(300, 1031);
+    let mut r = rng(40);
+    let w: Vec<f16> = random_vec(&mut r, 300 * 1031);
+    let a: Vec<f16> = random_vec(&mut r, 8 * 1031);
+    let mut b: Vec<f16> = random_vec(&mut r, 300 * 8);
+    b[17] = f16::INFINITY;
+    let (ab, bb) = (dev.upload(&a).map_err(err)?, dev.upload(&b).map_err(err)?);
+    let l = Lora::packed(&ab, &bb, 8, 1031, 1.0);
+    let mut wb = dev.upload(&w).map_err(err)?;
+    let mut scratch = MergeScratch::alloc::<f16>(dev, &shape).map_err(err)?;
+    merge_safe(dev, &mut wb, &shape, &l, Direction::Merge, &mut scratch).map_err(err)?;
+    let st = scratch.status(dev).map_err(err)?;
+    check(st == merge_status::NONFINITE, || format!("status {st}"))?;
+    let got = dev.download(&wb).map_err(err)?;
+    check(
+        got.iter()
+            .map(|x| x.to_bits())
+            .eq(w.iter().map(|x| x.to_bits())),
+        || "refused safe merge wrote W".into(),
+    )
 }

@@ -357,6 +357,103 @@ static void test_backward_dense(int tokens, int d_in, int d_out, int rank) {
   free(da0); free(db0); free(dx0); free(ws);
 }
 
+/* ---- merge / unmerge: f32 W, the contract's fmaf sequence written as a plain C loop ---- */
+static void merge_c_loop(float* w, const float* a, const float* b, int d_out, int d_in, int rank, int64_t ld_w,
+                         int fifo, float s) {
+  for (int i = 0; i < d_out; i++)
+    for (int j = 0; j < d_in; j++) {
+      float acc = 0.0f;
+      for (int r = 0; r < rank; r++) acc = fmaf(b[i * rank + r], a[r * d_in + j], acc);
+      float* e = fifo ? &w[j * ld_w + i] : &w[i * ld_w + j];
+      *e = fmaf(s, acc, *e);
+    }
+}
+
+static void test_merge(int d_out, int d_in, int rank, int fifo) {
+  const int rows = fifo ? d_in : d_out, cols = fifo ? d_out : d_in;
+  const int64_t ld_w = cols + 3; /* 3 padding columns that must keep their NaN bits */
+  const size_t nw = (size_t)rows * ld_w;
+  float* w0 = malloc(sizeof(float) * nw);
+  float* w = malloc(sizeof(float) * nw);
+  float* want = malloc(sizeof(float) * nw);
+  float* a = malloc(sizeof(float) * (size_t)rank * d_in + 4);
+  float* b = malloc(sizeof(float) * (size_t)d_out * rank + 4);
+  for (size_t i = 0; i < nw; i++) w0[i] = (i % ld_w) < (size_t)cols ? 0.02f * random_unit() : NAN;
+  for (int i = 0; i < rank * d_in; i++) a[i] = random_unit() / 8.0f;
+  for (int i = 0; i < d_out * rank; i++) b[i] = random_unit();
+  const float scale = 1.75f;
+  LkMergeParams p;
+  memset(&p, 0, sizeof p);
+  p.w = w;
+  p.a = a;
+  p.b = b;
+  p.ld_w = ld_w;
+  p.lda = d_in;
+  p.ldb = rank;
+  p.d_out = d_out;
+  p.d_in = d_in;
+  p.rank = rank;
+  p.scale = scale;
+  p.w_dtype = LK_F32;
+  p.ab_dtype = LK_F32;
+  p.fan_in_fan_out = fifo;
+  char what[160];
+  /* Default merge, then unmerge: bit-identical to the C loop. */
+  memcpy(w, w0, sizeof(float) * nw);
+  memcpy(want, w0, sizeof(float) * nw);
+  p.direction = LK_MERGE_MERGE;
+  int rc = lk_emu_merge_apply(&p, NULL);
+  merge_c_loop(want, a, b, d_out, d_in, rank, ld_w, fifo, scale);
+  snprintf(what, sizeof what, "merge %dx%d rank %d fifo %d: bits equal the C fmaf loop", d_out, d_in, rank, fifo);
+  check(rc == 0 && memcmp(w, want, sizeof(float) * nw) == 0, what);
+  p.direction = LK_MERGE_UNMERGE;
+  rc = lk_emu_merge_apply(&p, NULL);
+  merge_c_loop(want, a, b, d_out, d_in, rank, ld_w, fifo, -scale);
+  snprintf(what, sizeof what, "unmerge %dx%d rank %d fifo %d: bits equal the C fmaf loop", d_out, d_in, rank, fifo);
+  check(rc == 0 && memcmp(w, want, sizeof(float) * nw) == 0, what);
+  /* Exact merge + exact unmerge: W restored bit for bit. */
+  memcpy(w, w0, sizeof(float) * nw);
+  p.direction = LK_MERGE_MERGE;
+  p.flags = LK_MERGE_EXACT | LK_MERGE_SAFE;
+  const size_t ws_bytes = lk_emu_merge_workspace_size(&p);
+  const size_t n_codes = (size_t)rows * ((cols + 15) / 16);
+  void* ws = malloc(ws_bytes);
+  uint32_t* codes = malloc(sizeof(uint32_t) * n_codes);
+  const int64_t cap = (int64_t)rows * cols;
+  uint64_t* exc_index = malloc(sizeof(uint64_t) * (size_t)cap);
+  uint32_t* exc_bits = malloc(sizeof(uint32_t) * (size_t)cap);
+  uint64_t header[2] = {99, 99};
+  uint32_t status = 0;
+  p.workspace = ws;
+  p.codes = codes;
+  p.exc_index = exc_index;
+  p.exc_bits = exc_bits;
+  p.exc_capacity = cap;
+  p.record_header = header;
+  p.status = &status;
+  rc = lk_emu_merge_apply(&p, NULL);
+  memcpy(want, w0, sizeof(float) * nw);
+  merge_c_loop(want, a, b, d_out, d_in, rank, ld_w, fifo, scale);
+  check(rc == 0 && header[1] == 1 && status == 0 && memcmp(w, want, sizeof(float) * nw) == 0,
+        "exact merge writes the plain merge and a valid record");
+  p.direction = LK_MERGE_UNMERGE;
+  p.flags = LK_MERGE_EXACT;
+  p.workspace = NULL;
+  rc = lk_emu_merge_apply(&p, NULL);
+  snprintf(what, sizeof what, "exact round trip %dx%d rank %d fifo %d restores every bit (%llu exceptions)", d_out,
+           d_in, rank, fifo, (unsigned long long)header[0]);
+  check(rc == 0 && status == 0 && memcmp(w, w0, sizeof(float) * nw) == 0, what);
+  free(ws);
+  free(codes);
+  free(exc_index);
+  free(exc_bits);
+  free(w0);
+  free(w);
+  free(want);
+  free(a);
+  free(b);
+}
+
 /* ---- fused Philox dropout: kernels vs a plain C Philox4x32-10 loop (DESIGN.md §2) ---- */
 static void philox(const uint32_t ctr_in[4], const uint32_t key_in[2], uint32_t out[4]) {
   uint32_t c[4] = {ctr_in[0], ctr_in[1], ctr_in[2], ctr_in[3]}, k0 = key_in[0], k1 = key_in[1];
@@ -495,6 +592,10 @@ int main(void) {
   test_backward_dense(1, 1, 1, 1);
   test_backward_dense(3, 17, 5, 3);
   test_backward_dense(300, 33, 20, 17);
+  test_merge(13, 37, 5, 0);
+  test_merge(13, 37, 5, 1);
+  test_merge(70, 300, 17, 0);
+  test_merge(3, 1, 0, 1);
   test_errors();
   test_philox_kat();
   test_dropout(0.0, 0);
