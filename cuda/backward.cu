@@ -6,8 +6,11 @@
  *   dB = s · Gᵀ · u           [d_out, rank]          (reduction over tokens)
  *   dA = duᵀ · x̂              [rank, d_in]           (reduction over tokens)
  *   dx += m ⊙ (du · A) / (1 − p)                     (per token; G · W is the base GEMM's)
- * x̂ = x for now: dropout in the backward is not implemented (threshold must be 0); the mask would be
- * applied where x is read by the dA pass and where dx is accumulated (marked "dropout:" below).
+ * Dropout: the forward's mask is regenerated here (philox.cuh, DESIGN.md §2: element row · d_in + col of
+ * slice s's stream, offset dropout_offset[s]) where x is read by the dA pass (x̂ = to_f32(x) · keep_scale
+ * for a kept element, 0 otherwise — the same f32 product the fused dropout shrink used) and where dx is
+ * accumulated (dx += keep_scale · (du·A) for kept elements); no mask is stored. p = 0 (threshold 0,
+ * keep_scale 1) does no RNG work and multiplies by 1: bit-identical to no dropout.
  *
  * One code path for both variants: the dense launcher is the multi-adapter machinery with one segment
  * [0, T), adapter 0, identity rows and the entry passed by value (BwdArgs.dense = 1), so there is no
@@ -59,6 +62,7 @@
 #include <string.h>
 
 #include "portable.cuh"
+#include "philox.cuh"
 
 LK_NAMESPACE_BEGIN
 
@@ -167,7 +171,19 @@ struct BwdArgs {
   int dense;
   int tokens, d_in, n_adapters, n_slices, r_cap, chunk, accumulate;
   int rank_groups, long_tiles, k_tiles; /* long_tiles, k_tiles: set per pass */
+  uint64_t drop_seed;
+  uint64_t drop_offset[LK_MAX_SLICES];
+  uint32_t drop_threshold;
+  float drop_keep_scale;
 };
+
+/* The forward's dropout factor of element (row, col) of slice s: keep_scale if kept, else 0. */
+__device__ __forceinline__ float drop_factor(const BwdArgs& a, int s, int64_t row, int64_t col) {
+  if (a.drop_threshold == 0u && a.drop_keep_scale != 0.0f) return a.drop_keep_scale; /* nothing dropped */
+  const DropoutRng d{a.drop_seed, a.drop_offset[s], a.drop_threshold, a.drop_keep_scale};
+  const uint64_t e = static_cast<uint64_t>(row) * static_cast<uint64_t>(a.d_in) + static_cast<uint64_t>(col);
+  return ((dropout_keep_bits(d, e >> 2) >> (e & 3u)) & 1u) != 0u ? a.drop_keep_scale : 0.0f;
+}
 
 __device__ __forceinline__ bool launch_ok(const BwdArgs& a) { return a.dense != 0 || *a.verdict == 0u; }
 
@@ -515,8 +531,12 @@ __global__ void __launch_bounds__(kThreads, 1) bwd_reduce_kernel(BwdArgs a) {
     __syncthreads();
     if (b < n_long) {
       for (int r = 0; r < n; ++r) {
-        /* dropout: for dA, v = x · m · keep_scale (element (row, b) of slice s's mask). */
-        const float v = to_f32(lng[static_cast<int64_t>(s_row[r]) * ld_long + b]);
+        float v = to_f32(lng[static_cast<int64_t>(s_row[r]) * ld_long + b]);
+        if (kDA) {
+          /* x̂ of the forward (dropout regenerated; keep_scale 1 and no RNG work when p = 0). */
+          const float f = drop_factor(a, s, s_row[r], b);
+          v = f != 0.0f ? v * f : 0.0f;
+        }
 #pragma unroll
         for (int i = 0; i < kRG; ++i) acc[i] = fmaf(v, s_short[r][i], acc[i]);
       }
@@ -611,8 +631,10 @@ __global__ void __launch_bounds__(kThreads) bwd_dx_kernel(BwdArgs a) {
         for (int j = 0; j < n; ++j) acc = fmaf(s_du[j], to_f32(aw[static_cast<int64_t>(j0 + j) * e.lda]), acc);
       }
     }
-    /* dropout: acc *= m[row, k] (slice s's mask) · keep_scale. */
-    total += acc;
+    if (k < a.d_in) {
+      const float f = drop_factor(a, s, row, k); /* dx += m ⊙ (du·A) / (1 − p) */
+      total += f != 0.0f ? acc * f : 0.0f;
+    }
   }
   if (touched && k < a.d_in) {
     TD* p = static_cast<TD*>(a.dx) + row * a.ld_dx + k;
@@ -700,11 +722,11 @@ static int check_common(const char* name, int w_dtype, int x_dtype, int g_dtype,
     return set_error(LK_ERR_INVALID_ARGUMENT, "%s: grad_mode %d is neither LK_GRAD_OVERWRITE nor LK_GRAD_ACCUMULATE",
                      name, grad_mode);
   }
-  if (threshold != 0u || keep_scale != 1.0f) {
+  if (!(keep_scale >= 0.0f) || keep_scale > 3.0e38f || (threshold == 0u && keep_scale != 1.0f && keep_scale != 0.0f)) {
     return set_error(LK_ERR_INVALID_ARGUMENT,
-                     "%s: dropout_threshold %u / dropout_keep_scale %g: dropout in the backward is not implemented "
-                     "yet; only p = 0 (threshold 0, keep_scale 1) is accepted",
-                     name, threshold, static_cast<double>(keep_scale));
+                     "%s: dropout_keep_scale %g with dropout_threshold %u (want 1/(1-p), finite, >= 0; 1 when the "
+                     "threshold is 0)",
+                     name, static_cast<double>(keep_scale), threshold);
   }
   return 0;
 }
@@ -765,6 +787,10 @@ extern "C" int LK_SYMBOL(backward_dense)(const LkBackwardDenseParams* p, void* s
   BwdArgs a;
   memset(&a, 0, sizeof a);
   a.dense = 1;
+  a.drop_seed = p->dropout_seed;
+  a.drop_offset[0] = p->dropout_offset;
+  a.drop_threshold = p->dropout_threshold;
+  a.drop_keep_scale = p->dropout_keep_scale;
   a.e0.a = p->a;
   a.e0.b = p->b;
   a.e0.lda = p->lda;
@@ -870,6 +896,10 @@ extern "C" int LK_SYMBOL(backward_sgmv)(const LkBackwardSgmvParams* p, void* str
   if (err != 0) return err;
   BwdArgs a;
   memset(&a, 0, sizeof a);
+  a.drop_seed = p->dropout_seed;
+  for (int s = 0; s < LK_MAX_SLICES; ++s) a.drop_offset[s] = p->dropout_offset[s];
+  a.drop_threshold = p->dropout_threshold;
+  a.drop_keep_scale = p->dropout_keep_scale;
   a.row_index = p->row_index;
   a.seg_starts = p->seg_starts;
   a.seg_adapter = p->seg_adapter;

@@ -301,9 +301,10 @@ typedef struct LkShrinkDenseDropoutParams {
  * partials in the workspace, summed in piece order by a second pass): no float atomics, bit-identical
  * run to run and under any schedule. x, G and dx are each in the weights' dtype or f32.
  *
- * Dropout fields (seed, offset(s), threshold, keep_scale; DESIGN.md §2 "Dropout") are part of the ABI
- * already, but dropout in the backward is NOT implemented yet: dropout_threshold must be 0 (p = 0, x̂ = x)
- * and dropout_keep_scale 1; anything else returns LK_ERR_INVALID_ARGUMENT.
+ * Dropout (seed, offset per slice, threshold, keep_scale; DESIGN.md §2 "Dropout"): the forward's mask is
+ * regenerated, never stored — x̂ = to_f32(x) · keep_scale for kept elements (the fused dropout shrink's
+ * f32 product), and dx += keep_scale · (du · A) for kept elements. Threshold 0 with keep_scale 1 is no
+ * dropout (no RNG work, bit-identical); keep_scale must be finite and ≥ 0.
  * ============================================================================================= */
 
 /* Gradient mode of dA / dB. */
@@ -330,8 +331,8 @@ typedef struct LkBackwardDenseParams {
   int64_t ld_db;
   int64_t ld_du;
   int64_t ld_dx;
-  uint64_t dropout_seed;   /* reserved: dropout is not implemented yet (threshold must be 0) */
-  uint64_t dropout_offset; /* reserved, as dropout_seed */
+  uint64_t dropout_seed;   /* the forward's dropout seed */
+  uint64_t dropout_offset; /* the forward's Philox offset (this target module's stream) */
   int32_t tokens;
   int32_t d_in;
   int32_t d_out;
@@ -342,8 +343,8 @@ typedef struct LkBackwardDenseParams {
   int32_t g_dtype;    /* LkDtype: the weights' dtype or LK_F32 */
   int32_t dx_dtype;   /* LkDtype: the weights' dtype or LK_F32 (ignored when dx is null) */
   int32_t w_dtype;    /* LkDtype */
-  uint32_t dropout_threshold; /* must be 0 for now (p = 0) */
-  float dropout_keep_scale;   /* must be 1 for now */
+  uint32_t dropout_threshold; /* min(floor(p · 2^32), 2^32 − 1); 0 = no dropout */
+  float dropout_keep_scale;   /* 1/(1−p) (0 when p = 1) */
 } LkBackwardDenseParams;
 
 /* Gradient buffers of one (adapter, slice), indexed like the adapter table (adapter * n_slices + slice).
@@ -385,8 +386,8 @@ typedef struct LkBackwardSgmvParams {
   int64_t ld_g;
   int64_t ld_dx;
   LkSlice slices[LK_MAX_SLICES];
-  uint64_t dropout_seed;                   /* reserved (threshold must be 0) */
-  uint64_t dropout_offset[LK_MAX_SLICES];  /* reserved: one stream per slice (target module) */
+  uint64_t dropout_seed;                   /* the forward's dropout seed */
+  uint64_t dropout_offset[LK_MAX_SLICES];  /* one Philox stream per slice (target module) */
   int32_t tokens;
   int32_t max_segments;
   int32_t d_in;
@@ -398,8 +399,8 @@ typedef struct LkBackwardSgmvParams {
   int32_t g_dtype;
   int32_t dx_dtype;
   int32_t w_dtype;
-  uint32_t dropout_threshold; /* must be 0 for now */
-  float dropout_keep_scale;   /* must be 1 for now */
+  uint32_t dropout_threshold; /* min(floor(p · 2^32), 2^32 − 1); 0 = no dropout */
+  float dropout_keep_scale;   /* 1/(1−p) (0 when p = 1) */
 } LkBackwardSgmvParams;
 
 size_t lk_cuda_backward_dense_workspace_size(const LkBackwardDenseParams* p);

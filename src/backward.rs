@@ -22,9 +22,10 @@
 //! partials in the caller's workspace and a fixed-order second pass: no float atomics, so results
 //! are bit-identical run to run, under every emulator schedule and on every launch of the same build.
 //!
-//! **Dropout** is not implemented in the backward yet: [`Dropout::p`] must be 0 (`x̂ = x`). The
-//! seed and per-slice offsets are already carried to the kernels' ABI so that the fused Philox mask
-//! (DESIGN.md §2) can be added without an interface change; any other p is
+//! **Dropout** is regenerated, never stored: the forward's mask (DESIGN.md §2 Philox mapping, one
+//! stream per slice) is recomputed where x is read for dA (x̂ = to_f32(x)·keep_scale for a kept
+//! element, as the fused dropout shrink computed it) and where dx is accumulated
+//! (`dx += keep_scale · (du·A)` for kept elements). A p outside `[0, 1]` is
 //! [`Error::InvalidArgument`] with `arg = "dropout.p"`.
 //!
 //! **Accuracy.** Every sum is an f32 FMA chain in a fixed order: du over d_out (256 chains + an
@@ -62,7 +63,7 @@ impl GradMode {
 }
 
 /// The forward's dropout: probability, seed and one Philox offset per slice (the dense form uses
-/// `offsets[0]`). Only `p = 0` is accepted for now (see the module docs).
+/// `offsets[0]`): the same values the forward's dropout used.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct Dropout {
     pub p: f64,
@@ -78,17 +79,22 @@ impl Dropout {
         offsets: [0; MAX_SLICES],
     };
 
-    /// The kernels' `(threshold, keep_scale)` for p (DESIGN.md §2), after checking that this build
-    /// implements it: only p = 0 for now.
+    /// The kernels' `(threshold, keep_scale)` for p (DESIGN.md §2): `Error::InvalidArgument` with
+    /// `arg = "dropout.p"` unless `0 ≤ p ≤ 1`.
     fn ffi(&self) -> Result<(u32, f32)> {
-        if self.p != 0.0 {
-            return Err(Error::invalid(
-                "dropout.p",
-                "0 (dropout in the LoRA backward is not implemented yet)",
-                self.p,
-            ));
-        }
-        Ok((0, 1.0))
+        let c = self.config(0)?;
+        Ok((c.threshold, c.keep_scale))
+    }
+
+    /// The mask of slice `slice` (its own Philox offset), exactly as the forward drew it.
+    pub fn config(&self, slice: usize) -> Result<crate::dropout::DropoutConfig> {
+        let d = crate::dropout::Dropout {
+            p: self.p,
+            seed: self.seed,
+            offset: self.offsets[slice],
+        };
+        d.config()
+            .map_err(|_| Error::invalid("dropout.p", "a finite probability in [0, 1]", self.p))
     }
 }
 
@@ -784,7 +790,7 @@ impl<'a, 'w, 'g, B: Backend> BackwardSgmv<'a, 'w, 'g, B> {
                 .dx
                 .map(|d| (b.host_slice_mut(d).expect("host buffer"), ld_dx));
             let faults = with_weight_type!(w, TW => reference::backward_sgmv::<B, TX, TG, TW, TD>(
-                t, self.grads, &io, du, dx, tokens, mode, &work));
+                t, self.grads, &io, du, dx, tokens, mode, dropout, &work));
             return crate::bgmv::reference::report(b, errors, faults);
         };
         let err = errors
@@ -849,8 +855,12 @@ pub mod reference {
         db: Option<(&mut [f32], usize)>,
         dx_acc: &mut [Vec<f64>],
         mode: GradMode,
+        drop: &crate::dropout::DropoutConfig,
     ) {
         let (x, ld_x) = x;
+        // x̂ of the forward: the kept element times keep_scale (rounded to f32 as the kernels do), or 0.
+        let xhat =
+            |t: usize, k: usize| drop.xhat(x[t * ld_x + k], drop.keeps((t * d_in + k) as u64));
         let (g, ld_g, off) = g;
         let (u, ld_u) = u;
         let (a, lda) = a;
@@ -887,7 +897,7 @@ pub mod reference {
                 for k in 0..d_in {
                     let s: f64 = rows
                         .iter()
-                        .map(|&t| du[t * ld_du + j] as f64 * x[t * ld_x + k].to_f64())
+                        .map(|&t| du[t * ld_du + j] as f64 * xhat(t, k))
                         .fold(0.0, |acc, v| acc + v);
                     put(&mut da[j * ld_da + k], s);
                 }
@@ -895,10 +905,13 @@ pub mod reference {
         }
         for (i, &t) in rows.iter().enumerate() {
             for k in 0..d_in {
+                if !drop.keeps((t * d_in + k) as u64) {
+                    continue;
+                }
                 let s: f64 = (0..rank)
                     .map(|j| du[t * ld_du + j] as f64 * a[j * lda + k].to_f64())
                     .fold(0.0, |acc, v| acc + v);
-                dx_acc[i][k] += s;
+                dx_acc[i][k] += drop.keep_scale as f64 * s;
             }
         }
     }
@@ -930,6 +943,7 @@ pub mod reference {
             Some((db, s.ld_db)),
             &mut acc,
             s.mode,
+            &s.dropout.config(0).expect("validated by backward_dense"),
         );
         if let Some(dx) = dx {
             for (t, row) in acc.iter().enumerate() {
@@ -991,6 +1005,7 @@ pub mod reference {
         dx: Option<(&mut [TD], usize)>,
         tokens: usize,
         mode: GradMode,
+        dropout: &Dropout,
         work: &[(i32, Vec<usize>)],
     ) -> u32 {
         let (ns, rc, d_in) = (table.n_slices(), table.r_cap(), table.d_in());
@@ -1049,6 +1064,7 @@ pub mod reference {
                     db,
                     &mut acc,
                     mode,
+                    &dropout.config(s).expect("validated by BackwardSgmv::run"),
                 );
             }
             if let (true, Some((dx, ld_dx))) = (touched, dx.as_mut()) {

@@ -153,6 +153,11 @@ fn check_dense<B: Backend, TX: Float, TG: Float, TW: Float, TD: Float>(
     };
     let sc = s.scale as f64;
     let f = |v: f32| v as f64;
+    // The forward's dropout, regenerated from (seed, offset, element) as the kernels must.
+    let drop = s.dropout.config(0).unwrap();
+    let xhat =
+        |ti: usize, k: usize| drop.xhat(x[ti * s.ld_x + k], drop.keeps((ti * di + k) as u64));
+    let kept = |ti: usize, k: usize| drop.keeps((ti * di + k) as u64);
     // du
     for ti in 0..t {
         for j in 0..s.ld_du {
@@ -228,7 +233,7 @@ fn check_dense<B: Backend, TX: Float, TG: Float, TW: Float, TD: Float>(
         r_,
         di,
         s.ld_da,
-        &|j, k, ti| du[ti * s.ld_du + j] as f64 * x[ti * s.ld_x + k].to_f64(),
+        &|j, k, ti| du[ti * s.ld_du + j] as f64 * xhat(ti, k),
         1.0,
     );
     // dx
@@ -251,6 +256,13 @@ fn check_dense<B: Backend, TX: Float, TG: Float, TW: Float, TD: Float>(
                 e += p;
                 m += p.abs();
             }
+            // dx += m ⊙ (du·A) · keep_scale
+            let ks = if kept(ti, k) {
+                drop.keep_scale as f64
+            } else {
+                0.0
+            };
+            let (e, m) = (e * ks, m * ks);
             let exact = old.to_f64() + e;
             let tol = dot_tolerance(r_, 1, 2, m) + eps * exact.abs() + f64::powi(2.0, -24);
             assert_close(got.to_f64(), exact, tol, || {
@@ -290,25 +302,35 @@ fn dense_shapes() -> impl Strategy<Value = (BackwardDense, bool)> {
         any::<bool>(),
         any::<bool>(),
         prop_oneof![Just(0.5f32), Just(-2.0), Just(1.0)],
+        (
+            prop_oneof![2 => Just(0.0f64), 1 => Just(0.1), 1 => Just(0.5), 1 => Just(1.0)],
+            any::<u64>(),
+            any::<u64>(),
+        ),
     )
-        .prop_map(|(t, di, dout, r, (p1, p2, p3, p4), acc, with_dx, scale)| {
-            let mut s = BackwardDense::new(t, di, dout, r, scale);
-            s.ld_x += p1;
-            s.ld_g += p2;
-            s.ld_u += p3;
-            s.lda += p4;
-            s.ldb += p1;
-            s.ld_da += p2;
-            s.ld_db += p3;
-            s.ld_du += p4;
-            s.ld_dx += p1;
-            s.mode = if acc {
-                GradMode::Accumulate
-            } else {
-                GradMode::Overwrite
-            };
-            (s, with_dx)
-        })
+        .prop_map(
+            |(t, di, dout, r, (p1, p2, p3, p4), acc, with_dx, scale, (p, seed, offset))| {
+                let mut s = BackwardDense::new(t, di, dout, r, scale);
+                let mut offsets = [0u64; 8];
+                offsets[0] = offset;
+                s.dropout = Dropout { p, seed, offsets };
+                s.ld_x += p1;
+                s.ld_g += p2;
+                s.ld_u += p3;
+                s.lda += p4;
+                s.ldb += p1;
+                s.ld_da += p2;
+                s.ld_db += p3;
+                s.ld_du += p4;
+                s.ld_dx += p1;
+                s.mode = if acc {
+                    GradMode::Accumulate
+                } else {
+                    GradMode::Overwrite
+                };
+                (s, with_dx)
+            },
+        )
 }
 
 proptest! {
@@ -468,6 +490,7 @@ struct Multi {
     shuffle: bool,
     mode: GradMode,
     seed: u64,
+    dropout: Dropout,
 }
 
 struct MultiResult {
@@ -641,7 +664,7 @@ fn run_multi<B: Backend, TX: Float, TG: Float, TW: Float, TD: Float>(
                 ld_dx,
             },
             m.mode,
-            &Dropout::NONE,
+            &m.dropout,
             &mut ws,
             Some(&mut errb),
         )
@@ -724,8 +747,17 @@ fn run_multi<B: Backend, TX: Float, TG: Float, TW: Float, TD: Float>(
                 for s in 0..ns {
                     let rank = m.ranks[a as usize][s];
                     let aw = &host_w[a as usize][s].0;
+                    // dx += m_s ⊙ (du_s·A_s) · keep_scale, each slice with its own mask.
+                    let dc = m.dropout.config(s).unwrap();
+                    let ks = if dc.keeps((ti * di + k) as u64) {
+                        dc.keep_scale as f64
+                    } else {
+                        0.0
+                    };
                     for j in 0..rank {
-                        let p = du[(s * t + ti) * r_cap + j] as f64 * aw[j * (di + 1) + k].to_f64();
+                        let p = du[(s * t + ti) * r_cap + j] as f64
+                            * aw[j * (di + 1) + k].to_f64()
+                            * ks;
                         dx_e.0 += p;
                         dx_e.1 += p.abs();
                     }
@@ -792,7 +824,9 @@ fn run_multi<B: Backend, TX: Float, TG: Float, TW: Float, TD: Float>(
                         }
                         let (mut e, mut mm) = (0.0, 0.0);
                         for &ti in &toks {
-                            let p = du[(s * t + ti) * r_cap + j] as f64 * x[ti * ld_x + k].to_f64();
+                            let dc = m.dropout.config(s).unwrap();
+                            let xh = dc.xhat(x[ti * ld_x + k], dc.keeps((ti * di + k) as u64));
+                            let p = du[(s * t + ti) * r_cap + j] as f64 * xh;
                             e += p;
                             mm += p.abs();
                         }
@@ -834,6 +868,7 @@ fn multi_config(tokens: usize, long: usize, mode: GradMode, seed: u64) -> Multi 
         shuffle: true,
         mode,
         seed,
+        dropout: Dropout::NONE,
     }
 }
 
@@ -848,6 +883,25 @@ fn multi_adapter_segments_emu_and_cpu() {
         run_multi::<_, f16, f16, f16, f16>(&Emu, &m, None, true);
         run_multi::<_, bf16, f32, bf16, bf16>(&Emu, &m, None, true);
         run_multi::<_, f32, bf16, bf16, f32>(&Cpu, &m, None, true);
+    }
+}
+
+/// Dropout regenerated in the backward: each slice with its own Philox stream, p in (0, 1].
+#[test]
+fn multi_adapter_dropout_per_slice_streams() {
+    for (i, p) in [0.1, 0.5, 1.0].into_iter().enumerate() {
+        let mut m = multi_config(23, 0, GradMode::Accumulate, 40 + i as u64);
+        let mut offsets = [0u64; 8];
+        offsets[0] = 7;
+        offsets[1] = 1 << 40;
+        m.dropout = Dropout {
+            p,
+            seed: 0xfeed_0000 + i as u64,
+            offsets,
+        };
+        run_multi::<_, f32, f32, f32, f32>(&Emu, &m, None, true);
+        run_multi::<_, bf16, f32, bf16, bf16>(&Emu, &m, None, true);
+        run_multi::<_, f16, f16, f16, f32>(&Cpu, &m, None, true);
     }
 }
 
@@ -1170,7 +1224,8 @@ fn dense_bad_inputs_are_typed_errors() {
     assert_eq!(dense_error(|s, _| s.ld_du = 1), "ld_du");
     assert_eq!(dense_error(|s, _| s.ld_dx = 1), "ld_dx");
     assert_eq!(dense_error(|s, _| s.scale = f32::NAN), "scale");
-    assert_eq!(dense_error(|s, _| s.dropout.p = 0.1), "dropout.p");
+    assert_eq!(dense_error(|s, _| s.dropout.p = 1.5), "dropout.p");
+    assert_eq!(dense_error(|s, _| s.dropout.p = f64::NAN), "dropout.p");
     assert_eq!(
         dense_error(|s, _| s.tokens = i32::MAX as usize + 1),
         "tokens"
@@ -1435,7 +1490,12 @@ fn sgmv_bad_inputs_are_typed_errors() {
         Err("workspace")
     );
     assert_eq!(run(&x, 4, &g, &u, 6, 12, ws_len, 0, 0.0), Ok(()));
-    assert_eq!(run(&x, 4, &g, &u, 6, 12, ws_len, 1, 0.5), Err("dropout.p"));
+    assert_eq!(run(&x, 4, &g, &u, 6, 12, ws_len, 1, 0.5), Ok(()));
+    assert_eq!(run(&x, 4, &g, &u, 6, 12, ws_len, 1, 1.5), Err("dropout.p"));
+    assert_eq!(
+        run(&x, 4, &g, &u, 6, 12, ws_len, 1, f64::NAN),
+        Err("dropout.p")
+    );
     // dtypes: bf16 x with f32 weights.
     let mut du = vec![0f32; 6];
     let e = bwd
@@ -1493,6 +1553,7 @@ fn c_launcher_validation() {
         p.ld_dx = 1;
         let mut q = p;
         q.dropout_threshold = 5;
+        q.dropout_keep_scale = f32::NAN;
         assert_eq!(
             sys::lk_emu_backward_dense(&q, std::ptr::null_mut()),
             sys::LK_ERR_INVALID_ARGUMENT as i32
@@ -1500,7 +1561,7 @@ fn c_launcher_validation() {
         let msg = std::ffi::CStr::from_ptr(sys::lk_emu_last_error_message())
             .to_string_lossy()
             .into_owned();
-        assert!(msg.contains("not implemented"), "{msg}");
+        assert!(msg.contains("dropout_keep_scale"), "{msg}");
         let mut q = p;
         q.grad_mode = 7;
         assert_eq!(

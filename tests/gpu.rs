@@ -1108,13 +1108,13 @@ fn backward_sgmv_matches_cpu<TW: Float>(dev: &Cuda) -> Result<(), Failed> {
 
 fn backward_rejects_bad_input(dev: &Cuda) -> Result<(), Failed> {
     let mut s = BackwardDense::new(4, 8, 8, 2, 1.0);
-    s.dropout.p = 0.1;
+    s.dropout.p = -0.5;
     let d = bwd_data::<f32, f32>(&s, 1);
     match run_bwd_dense(dev, &s, &d) {
         Err(e) => check(format!("{e:?}").contains("dropout.p"), || {
             format!("unexpected error {e:?}")
         }),
-        Ok(_) => Err("dropout p = 0.1 was accepted".into()),
+        Ok(_) => Err("dropout p = -0.5 was accepted".into()),
     }
 }
 

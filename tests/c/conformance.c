@@ -351,8 +351,9 @@ static void test_backward_dense(int tokens, int d_in, int d_out, int rank) {
   snprintf(what, sizeof what, "backward_dense %dx%dx%dx%d matches the C loops", tokens, d_in, d_out, rank);
   check(ok, what);
   p.dropout_threshold = 1;
-  check(lk_emu_backward_dense(&p, NULL) == LK_ERR_INVALID_ARGUMENT, "backward_dense rejects dropout (threshold != 0)");
-  check(strstr(lk_emu_last_error_message(), "not implemented") != NULL, "backward_dense dropout message");
+  p.dropout_keep_scale = -1.0f;
+  check(lk_emu_backward_dense(&p, NULL) == LK_ERR_INVALID_ARGUMENT, "backward_dense rejects a negative keep_scale");
+  check(strstr(lk_emu_last_error_message(), "dropout_keep_scale") != NULL, "backward_dense keep_scale message");
   free(x); free(g); free(u); free(a); free(b); free(da); free(db); free(du); free(dx);
   free(da0); free(db0); free(dx0); free(ws);
 }
