@@ -173,6 +173,14 @@ typedef struct LkSgmvShrinkParams {
   int32_t r_cap;
   int32_t x_dtype;
   int32_t w_dtype;
+  /* Fused dropout (training; DESIGN.md §2): u = drop(x) · Aᵀ with slice s's mask drawn from
+   * Philox(seed, dropout_offset[s]) at element token · d_in + col, and the keep scale applied once to
+   * each finished dot product (u = keep_scale · Σ_kept x·a). dropout_threshold = 0 means no dropout
+   * (zero-initialised params have none); p = 1 is threshold 2^32 − 1 with keep_scale 0. */
+  uint64_t dropout_seed;
+  uint64_t dropout_offset[LK_MAX_SLICES];
+  uint32_t dropout_threshold;
+  float dropout_keep_scale;
 } LkSgmvShrinkParams;
 
 typedef struct LkSgmvExpandParams {

@@ -83,6 +83,7 @@
 #include <string.h>
 
 #include "portable.cuh"
+#include "philox.cuh"
 
 LK_NAMESPACE_BEGIN
 
@@ -358,12 +359,36 @@ struct ShrinkArgs {
   int chunk;
   int rank_groups;
   int x_vec_ok; /* x 16-byte aligned and ld_x a multiple of 16 bytes */
+  /* Fused dropout (threshold 0 = none): slice s's mask from Philox(seed, drop_offset[s]). */
+  uint64_t drop_seed;
+  uint64_t drop_offset[LK_MAX_SLICES];
+  uint32_t drop_threshold;
+  float drop_keep_scale;
 };
+
+/* Slice `slice`'s Philox offset, read with static indices only (a kernel-parameter array indexed at
+ * run time would be copied to local memory). */
+__device__ __forceinline__ uint64_t shrink_drop_offset(const ShrinkArgs& p, int slice) {
+  uint64_t off = 0;
+#pragma unroll
+  for (int i = 0; i < LK_MAX_SLICES; ++i) off = i == slice ? p.drop_offset[i] : off;
+  return off;
+}
+
+/* Whether element (tok, k) of x survives the dropout whose stream offset is `offset` (always,
+ * without dropout). */
+__device__ __forceinline__ bool shrink_kept(const ShrinkArgs& p, uint64_t offset, int64_t tok, int k) {
+  if (p.drop_threshold == 0u) return true;
+  const DropoutRng d{p.drop_seed, offset, p.drop_threshold, p.drop_keep_scale};
+  const uint64_t e = static_cast<uint64_t>(tok) * static_cast<uint64_t>(p.d_in) + static_cast<uint64_t>(k);
+  return ((dropout_keep_bits(d, e >> 2) >> (e & 3u)) & 1u) != 0u;
+}
 
 /* Writes one finished value (split partial or u). */
 __device__ __forceinline__ void shrink_store(const ShrinkArgs& p, int slice, int split, int pos, int64_t tok, int j,
                                              float v) {
   const int64_t T = p.seg.tokens;
+  if (p.drop_threshold != 0u) v *= p.drop_keep_scale; /* dropout: scale each (partial) dot product once */
   if (p.splits == 1) {
     p.u[(static_cast<int64_t>(slice) * T + tok) * p.seg.r_cap + j] = v;
   } else {
@@ -385,6 +410,7 @@ __global__ void __launch_bounds__(kThreads) sgmv_shrink_tc_kernel(ShrinkArgs p) 
   const int split = static_cast<int>(blockIdx.x % static_cast<unsigned>(splits));
   const int slice = static_cast<int>(blockIdx.y) % p.seg.n_slices;
   const int group = static_cast<int>(blockIdx.y) / p.seg.n_slices;
+  const uint64_t drop_off = shrink_drop_offset(p, slice);
   TileInfo ti;
   if (!sgmv_find_tile(p.seg, tile, ti)) return;
   LkAdapterEntry e;
@@ -429,6 +455,12 @@ __global__ void __launch_bounds__(kThreads) sgmv_shrink_tc_kernel(ShrinkArgs p) 
       } else {
 #pragma unroll
         for (int q = 0; q < kVX; ++q) v[q] = (r < ti.rows && k + q < k_end) ? x[s_tok[r] * p.ld_x + k + q] : zero_x;
+      }
+      if (p.drop_threshold != 0u && r < ti.rows) {
+#pragma unroll
+        for (int q = 0; q < kVX; ++q) {
+          if (k + q < k_end && !shrink_kept(p, drop_off, s_tok[r], k + q)) v[q] = zero_x;
+        }
       }
       TW hi[kVX], lo[kVX];
 #pragma unroll
@@ -514,6 +546,7 @@ __global__ void __launch_bounds__(kThreads) sgmv_shrink_fma_kernel(ShrinkArgs p)
   const int split = static_cast<int>(blockIdx.x % static_cast<unsigned>(splits));
   const int slice = static_cast<int>(blockIdx.y) % p.seg.n_slices;
   const int group = static_cast<int>(blockIdx.y) / p.seg.n_slices;
+  const uint64_t drop_off = shrink_drop_offset(p, slice);
   TileInfo ti;
   if (!sgmv_find_tile(p.seg, tile, ti)) return;
   LkAdapterEntry e;
@@ -542,7 +575,8 @@ __global__ void __launch_bounds__(kThreads) sgmv_shrink_fma_kernel(ShrinkArgs p)
 #pragma unroll
     for (int i = 0; i < (kBM * kFmaBK) / kThreads; ++i) {
       const int idx = i * kThreads + tid, r = idx / kFmaBK, c = idx % kFmaBK;
-      xs[r][c] = (r < ti.rows && c < kn) ? x[s_tok[r] * p.ld_x + k0 + c] : 0.0f;
+      xs[r][c] = (r < ti.rows && c < kn && shrink_kept(p, drop_off, s_tok[r], k0 + c)) ? x[s_tok[r] * p.ld_x + k0 + c]
+                                                                                         : 0.0f;
     }
     for (int idx = tid; idx < fill_rows * kFmaBK; idx += kThreads) {
       const int r = idx / kFmaBK, c = idx % kFmaBK;
@@ -991,6 +1025,10 @@ static int launch_sgmv_shrink(const LkSgmvShrinkParams& p, const SgmvGeometry& g
   a.chunk = shrink_chunk(p.d_in, a.splits);
   a.rank_groups = p.r_cap > 0 ? (p.r_cap + kShrinkBN - 1) / kShrinkBN : 1;
   a.x_vec_ok = (reinterpret_cast<uintptr_t>(p.x) & 15u) == 0 && (p.ld_x * static_cast<int64_t>(sizeof(TX))) % 16 == 0;
+  a.drop_seed = p.dropout_seed;
+  for (int i = 0; i < LK_MAX_SLICES; ++i) a.drop_offset[i] = p.dropout_offset[i];
+  a.drop_threshold = p.dropout_threshold;
+  a.drop_keep_scale = p.dropout_keep_scale;
   const int64_t gx = g.tiles * a.splits;
   const int64_t gy = static_cast<int64_t>(p.n_slices) * a.rank_groups;
   if (gx > 0x7fffffffLL || gy > 65535) {
@@ -1081,6 +1119,10 @@ extern "C" int LK_SYMBOL(sgmv_shrink)(const LkSgmvShrinkParams* p, void* stream)
                                 p->seg_starts, p->seg_adapter, p->n_segments, p->table, p->workspace))
     return e;
   if (p->d_in < 0) return set_error(LK_ERR_INVALID_ARGUMENT, "sgmv_shrink: negative d_in %d", p->d_in);
+  if (p->dropout_threshold != 0u && !(p->dropout_keep_scale >= 0.0f && p->dropout_keep_scale <= 3.0e38f)) {
+    return set_error(LK_ERR_INVALID_ARGUMENT, "sgmv_shrink: dropout_keep_scale %g is not finite and >= 0",
+                     static_cast<double>(p->dropout_keep_scale));
+  }
   if (p->ld_x < p->d_in) {
     return set_error(LK_ERR_INVALID_ARGUMENT, "sgmv_shrink: ld_x %lld < d_in %d", static_cast<long long>(p->ld_x),
                      p->d_in);

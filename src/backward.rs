@@ -36,7 +36,7 @@
 use std::ffi::c_void;
 use std::marker::PhantomData;
 
-use crate::adapter::{span, with_weight_type, AdapterTable, MAX_SLICES};
+use crate::adapter::{span, with_weight_type, AdapterTable};
 use crate::backend::Backend;
 use crate::bgmv::{check_error_word, check_rows, ffi_slices};
 use crate::dtype::{DType, Float};
@@ -62,47 +62,8 @@ impl GradMode {
     }
 }
 
-/// The forward's dropout: probability, seed and one Philox offset per slice (the dense form uses
-/// `offsets[0]`): the same values the forward's dropout used.
-#[derive(Clone, Copy, Debug, PartialEq)]
-pub struct Dropout {
-    pub p: f64,
-    pub seed: u64,
-    pub offsets: [u64; MAX_SLICES],
-}
-
-impl Dropout {
-    /// No dropout (`p = 0`).
-    pub const NONE: Dropout = Dropout {
-        p: 0.0,
-        seed: 0,
-        offsets: [0; MAX_SLICES],
-    };
-
-    /// The kernels' `(threshold, keep_scale)` for p (DESIGN.md §2): `Error::InvalidArgument` with
-    /// `arg = "dropout.p"` unless `0 ≤ p ≤ 1`.
-    fn ffi(&self) -> Result<(u32, f32)> {
-        let c = self.config(0)?;
-        Ok((c.threshold, c.keep_scale))
-    }
-
-    /// The mask of slice `slice` (its own Philox offset), exactly as the forward drew it.
-    pub fn config(&self, slice: usize) -> Result<crate::dropout::DropoutConfig> {
-        let d = crate::dropout::Dropout {
-            p: self.p,
-            seed: self.seed,
-            offset: self.offsets[slice],
-        };
-        d.config()
-            .map_err(|_| Error::invalid("dropout.p", "a finite probability in [0, 1]", self.p))
-    }
-}
-
-impl Default for Dropout {
-    fn default() -> Self {
-        Dropout::NONE
-    }
-}
+/// The forward's dropout of a layer (one Philox stream per slice): see [`crate::dropout::LayerDropout`].
+pub use crate::dropout::LayerDropout as Dropout;
 
 fn fits_i32(arg: &'static str, v: usize) -> Result<()> {
     if v > i32::MAX as usize {

@@ -135,7 +135,7 @@ impl<'a, 'w, B: Backend> Bgmv<'a, 'w, B> {
             let work: Vec<(usize, i32)> = ids[..self.tokens].iter().copied().enumerate().collect();
             let x = b.host_slice(x).expect("host buffer");
             let u = b.host_slice_mut(u).expect("host buffer");
-            let faults = with_weight_type!(t.w_dtype(), TW => reference::shrink::<B, TX, TW>(t, x, ld_x, u, self.tokens, &work));
+            let faults = with_weight_type!(t.w_dtype(), TW => reference::shrink::<B, TX, TW>(t, x, ld_x, u, self.tokens, &work, &crate::dropout::LayerDropout::NONE));
             return reference::report(b, errors, faults);
         };
         let error_word = errors
@@ -271,6 +271,8 @@ pub mod reference {
     }
 
     /// Shrink for each `(token, id)` in `work`; returns the faults.
+    /// With `drop` (the fused training shrink), slice s keeps element (tok, k) iff its mask does,
+    /// and the sum of the kept products is scaled by keep_scale.
     pub fn shrink<B: Backend, TX: Float, TW: Float>(
         t: &AdapterTable<B>,
         x: &[TX],
@@ -278,6 +280,7 @@ pub mod reference {
         u: &mut [f32],
         tokens: usize,
         work: &[(usize, i32)],
+        drop: &crate::dropout::LayerDropout,
     ) -> u32 {
         let (d_in, r_cap) = (t.d_in(), t.r_cap());
         let mut faults = 0;
@@ -291,6 +294,12 @@ pub mod reference {
                         continue;
                     }
                 };
+                let cfg = drop.config(s).expect("dropout validated by the caller");
+                let scale = if cfg.threshold == 0 {
+                    1.0
+                } else {
+                    cfg.keep_scale as f64
+                };
                 // SAFETY: a valid entry of a table built on a host backend.
                 let (a, _) = unsafe { host_weights::<TW>(e, d_in, t.slices()[s].n) };
                 let xr = &x[tok * ld_x..tok * ld_x + d_in];
@@ -299,9 +308,11 @@ pub mod reference {
                     let acc: f64 = xr
                         .iter()
                         .zip(ar)
-                        .map(|(&xv, &av)| xv.to_f64() * av.to_f64())
+                        .enumerate()
+                        .filter(|(k, _)| cfg.threshold == 0 || cfg.keeps((tok * d_in + k) as u64))
+                        .map(|(_, (&xv, &av))| xv.to_f64() * av.to_f64())
                         .sum();
-                    u[(s * tokens + tok) * r_cap + j] = acc as f32;
+                    u[(s * tokens + tok) * r_cap + j] = (scale * acc) as f32;
                 }
             }
         }

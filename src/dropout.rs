@@ -23,6 +23,7 @@
 //! `shrink_dense` applied to the f32 tensor `x̂` (the cpu reference accumulates `x̂` in f64). On the
 //! cpu backend an f64 tensor is scaled in f64 (`x · (keep_scale as f64)`).
 
+use crate::adapter::MAX_SLICES;
 use crate::backend::Backend;
 use crate::dtype::{DType, Float};
 use crate::error::{Error, Result};
@@ -466,5 +467,48 @@ pub mod reference {
                 u[t * s.ld_u + j] = acc as f32;
             }
         }
+    }
+}
+
+/// A layer's dropout: probability, seed and one Philox offset per slice (every target module has
+/// its own stream, as PEFT has one `nn.Dropout` per LoRA layer; single-slice ops use `offsets[0]`).
+/// Used by the fused SGMV shrink and by the LoRA backward, which regenerates the same masks.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct LayerDropout {
+    pub p: f64,
+    pub seed: u64,
+    pub offsets: [u64; MAX_SLICES],
+}
+
+impl LayerDropout {
+    /// No dropout (`p = 0`).
+    pub const NONE: LayerDropout = LayerDropout {
+        p: 0.0,
+        seed: 0,
+        offsets: [0; MAX_SLICES],
+    };
+
+    /// The kernels' `(threshold, keep_scale)` for p (DESIGN.md §2): `Error::InvalidArgument` with
+    /// `arg = "dropout.p"` unless `0 ≤ p ≤ 1`.
+    pub(crate) fn ffi(&self) -> Result<(u32, f32)> {
+        let c = self.config(0)?;
+        Ok((c.threshold, c.keep_scale))
+    }
+
+    /// The mask of slice `slice` (its own Philox offset), exactly as the forward drew it.
+    pub fn config(&self, slice: usize) -> Result<crate::dropout::DropoutConfig> {
+        let d = crate::dropout::Dropout {
+            p: self.p,
+            seed: self.seed,
+            offset: self.offsets[slice],
+        };
+        d.config()
+            .map_err(|_| Error::invalid("dropout.p", "a finite probability in [0, 1]", self.p))
+    }
+}
+
+impl Default for LayerDropout {
+    fn default() -> Self {
+        LayerDropout::NONE
     }
 }

@@ -11,6 +11,11 @@
 //! in the error word.
 
 use crate::adapter::{check_activation_dtype, fault, with_weight_type, AdapterTable, ExpandMode};
+use crate::dropout::LayerDropout;
+
+/// Dropout fields of a launch without dropout (threshold 0).
+const NO_DROPOUT: (u64, [u64; crate::adapter::MAX_SLICES], u32, f32) =
+    (0, [0; crate::adapter::MAX_SLICES], 0, 1.0);
 use crate::backend::Backend;
 use crate::bgmv::{check_error_word, check_rows, check_u_len, ffi_slices};
 use crate::dtype::Float;
@@ -239,6 +244,7 @@ impl<'a, 'w, B: Backend> Sgmv<'a, 'w, B> {
         Sgmv { table, plan }
     }
 
+    #[allow(clippy::too_many_arguments)]
     fn shrink_params<TX: Float>(
         &self,
         b: &B,
@@ -247,6 +253,7 @@ impl<'a, 'w, B: Backend> Sgmv<'a, 'w, B> {
         u: *mut f32,
         ws: *mut std::ffi::c_void,
         err: *mut u32,
+        drop: (u64, [u64; crate::adapter::MAX_SLICES], u32, f32),
     ) -> sys::LkSgmvShrinkParams {
         let (t, p) = (self.table, self.plan);
         sys::LkSgmvShrinkParams {
@@ -271,6 +278,10 @@ impl<'a, 'w, B: Backend> Sgmv<'a, 'w, B> {
             r_cap: t.r_cap() as i32,
             x_dtype: TX::DTYPE.ffi_tag().unwrap_or(-1),
             w_dtype: t.w_dtype().ffi_tag().unwrap(),
+            dropout_seed: drop.0,
+            dropout_offset: drop.1,
+            dropout_threshold: drop.2,
+            dropout_keep_scale: drop.3,
         }
     }
 
@@ -322,6 +333,7 @@ impl<'a, 'w, B: Backend> Sgmv<'a, 'w, B> {
                 std::ptr::null_mut(),
                 std::ptr::null_mut(),
                 std::ptr::null_mut(),
+                NO_DROPOUT,
             );
             // SAFETY: a pure function of the params' sizes.
             unsafe { (l.sgmv_shrink_workspace_size)(&p) }
@@ -358,9 +370,28 @@ impl<'a, 'w, B: Backend> Sgmv<'a, 'w, B> {
         ld_x: usize,
         u: &mut B::Buffer<f32>,
         workspace: &mut B::Buffer<u8>,
+        errors: Option<&mut B::Buffer<u32>>,
+    ) -> Result<()> {
+        self.shrink_with_dropout(b, x, ld_x, &LayerDropout::NONE, u, workspace, errors)
+    }
+
+    /// The training shrink: `u = drop(x) · Aᵀ` with the dropout fused into the load of x — slice s
+    /// draws its mask from `dropout.offsets[s]` (DESIGN.md §2), no mask and no x̂ are written, and
+    /// the keep scale multiplies each finished dot product once (`u = keep_scale · Σ_kept x·a`).
+    /// The LoRA backward regenerates the same masks ([`crate::backward`]).
+    #[allow(clippy::too_many_arguments)]
+    pub fn shrink_with_dropout<TX: Float>(
+        &self,
+        b: &B,
+        x: &B::Buffer<TX>,
+        ld_x: usize,
+        dropout: &LayerDropout,
+        u: &mut B::Buffer<f32>,
+        workspace: &mut B::Buffer<u8>,
         mut errors: Option<&mut B::Buffer<u32>>,
     ) -> Result<()> {
         let (t, tokens) = (self.table, self.plan.tokens);
+        let (threshold, keep_scale) = dropout.ffi()?;
         check_activation_dtype(b, "x", TX::DTYPE, t.w_dtype())?;
         check_rows("x", b.len(x), tokens, t.d_in(), ld_x, "ld_x")?;
         check_u_len(b, t, tokens, b.len(u))?;
@@ -383,7 +414,7 @@ impl<'a, 'w, B: Backend> Sgmv<'a, 'w, B> {
             };
             let x = b.host_slice(x).unwrap();
             let u = b.host_slice_mut(u).unwrap();
-            let faults = with_weight_type!(t.w_dtype(), TW => crate::bgmv::reference::shrink::<B, TX, TW>(t, x, ld_x, u, tokens, &work));
+            let faults = with_weight_type!(t.w_dtype(), TW => crate::bgmv::reference::shrink::<B, TX, TW>(t, x, ld_x, u, tokens, &work, dropout));
             return crate::bgmv::reference::report(b, errors, faults);
         };
         let err = errors
@@ -396,6 +427,7 @@ impl<'a, 'w, B: Backend> Sgmv<'a, 'w, B> {
             b.raw_ptr_mut(u).cast(),
             b.raw_ptr_mut(workspace),
             err,
+            (dropout.seed, dropout.offsets, threshold, keep_scale),
         );
         // SAFETY: every buffer length was checked above; the table's entries when they were set.
         unsafe { ffi::launch(b, l, "sgmv_shrink", l.sgmv_shrink, &p) }

@@ -10,7 +10,7 @@ use common::serving::*;
 use common::*;
 use lora_kernels::adapter::{fault, ExpandMode};
 use lora_kernels::sgmv::{reference, Sgmv, SgmvPlan};
-use lora_kernels::{bf16, f16, Backend, Cpu, Emu, Error};
+use lora_kernels::{bf16, f16, Backend, Cpu, Emu, Error, Float};
 use proptest::prelude::*;
 use rand::seq::SliceRandom;
 use rand::Rng;
@@ -516,4 +516,115 @@ fn rank_256_mixed() {
     run_sgmv_planned::<_, f16, f16, f16>(&Emu, &sc, 2, ExpandMode::Overwrite);
     let sc = Scenario::random::<f32>(&mut r, 70, &[12], 3, &[256, 3], sc.ids.clone());
     run_sgmv_planned::<_, f32, f32, f32>(&Emu, &sc, 3, ExpandMode::Add);
+}
+
+/// The training shrink with dropout fused into the load of x: every slice draws its own mask from
+/// its Philox offset (checked here against the Rust Philox, element by element), the keep scale is
+/// applied once per dot product, p = 0 is bit-identical to the plain shrink, p = 1 gives zeros.
+fn dropout_shrink_on<B: Backend, TX: Float, TW: Float>(b: &B, p: f64, seed: u64) {
+    use lora_kernels::dropout::LayerDropout;
+    let mut r = rng(seed);
+    let tokens = 37;
+    let ids = random_ids(&mut r, tokens, 3, Popularity::Uniform, 0.1);
+    let sc = Scenario::random::<TW>(&mut r, 150, &[20, 7], 3, &[1, 8, 17], ids);
+    let bufs = sc.upload::<B, TW>(b);
+    let table = sc.table(b, &bufs);
+    let r_cap = table.r_cap();
+    let mut plan = SgmvPlan::alloc(b, tokens, 3).unwrap();
+    let idb = b.upload(&sc.ids).unwrap();
+    let mut pws = b
+        .alloc::<u8>(plan.plan_workspace_bytes(b, &idb, 3))
+        .unwrap();
+    plan.plan(b, &idb, 3, &mut pws, None).unwrap();
+    let batch = Sgmv::new(&table, &plan);
+    let x: Vec<TX> = random_vec(&mut r, tokens * sc.d_in);
+    let xb = b.upload(&x).unwrap();
+    let mut ws = b
+        .alloc::<u8>(batch.shrink_workspace_bytes::<TX>(b, sc.d_in))
+        .unwrap();
+    let mut offsets = [0u64; 8];
+    offsets[0] = seed ^ 0x55;
+    offsets[1] = (1 << 33) + 3;
+    let drop = LayerDropout { p, seed, offsets };
+    let mut ub = b.upload(&vec![POISON; 2 * tokens * r_cap]).unwrap();
+    batch
+        .shrink_with_dropout(b, &xb, sc.d_in, &drop, &mut ub, &mut ws, None)
+        .unwrap();
+    let u = b.download(&ub).unwrap();
+    let split = (TX::DTYPE == lora_kernels::DType::F32 && TW::DTYPE != lora_kernels::DType::F32)
+        .then_some(TW::DTYPE);
+    for t in 0..tokens {
+        for s in 0..2 {
+            let Some(rank) = sc.rank_of(t, s) else {
+                continue;
+            };
+            let cfg = drop.config(s).unwrap();
+            let ks = if cfg.threshold == 0 {
+                1.0
+            } else {
+                cfg.keep_scale as f64
+            };
+            let w = &sc.weights[sc.ids[t] as usize][s];
+            for j in 0..rank {
+                let (mut e, mut m) = (0.0, 0.0);
+                for k in 0..sc.d_in {
+                    if cfg.keeps((t * sc.d_in + k) as u64) {
+                        let v = x[t * sc.d_in + k].to_f64() * w.a[j * w.lda + k];
+                        e += v;
+                        m += v.abs();
+                    }
+                }
+                let (exact, tol) = (
+                    ks * e,
+                    ks * sum_tolerance(sc.d_in, m, split) + ks * e.abs() * f64::powi(2.0, -24),
+                );
+                let got = u[(s * tokens + t) * r_cap + j] as f64;
+                assert!(
+                    (got - exact).abs() <= tol,
+                    "{} p {p}: u[{s},{t},{j}] = {got}, want {exact} ± {tol:e}",
+                    b.name()
+                );
+            }
+        }
+    }
+    if p == 0.0 {
+        let mut plain = b.upload(&vec![POISON; 2 * tokens * r_cap]).unwrap();
+        batch
+            .shrink(b, &xb, sc.d_in, &mut plain, &mut ws, None)
+            .unwrap();
+        let bits = |v: Vec<f32>| v.into_iter().map(f32::to_bits).collect::<Vec<_>>();
+        assert_eq!(
+            bits(b.download(&plain).unwrap()),
+            bits(u),
+            "p = 0 must be the plain shrink"
+        );
+    }
+}
+
+#[test]
+fn dropout_fused_shrink_per_slice_masks() {
+    for (i, p) in [0.0, 0.1, 0.5, 1.0].into_iter().enumerate() {
+        let seed = 900 + i as u64;
+        dropout_shrink_on::<_, f16, f16>(&Emu, p, seed);
+        dropout_shrink_on::<_, f32, bf16>(&Emu, p, seed);
+        dropout_shrink_on::<_, f32, f32>(&Emu, p, seed);
+        dropout_shrink_on::<_, bf16, bf16>(&Cpu, p, seed);
+    }
+    // An invalid probability is a typed error naming it.
+    let b = &Emu;
+    let sc = Scenario::random::<f32>(&mut rng(1), 8, &[4], 1, &[2], vec![0, 0]);
+    let bufs = sc.upload::<Emu, f32>(b);
+    let table = sc.table(b, &bufs);
+    let plan = SgmvPlan::from_host(b, None, &[0, 2], &[0], 1, 2).unwrap();
+    let batch = Sgmv::new(&table, &plan);
+    let drop = lora_kernels::dropout::LayerDropout {
+        p: 1.5,
+        ..lora_kernels::dropout::LayerDropout::NONE
+    };
+    let mut u = vec![POISON; 2 * table.r_cap()];
+    let mut ws = vec![0u8; batch.shrink_workspace_bytes::<f32>(b, 8)];
+    let e = batch
+        .shrink_with_dropout(b, &vec![1.0f32; 16], 8, &drop, &mut u, &mut ws, None)
+        .unwrap_err();
+    assert_eq!(invalid_arg(e), "dropout.p");
 }
