@@ -45,6 +45,7 @@ fn main() {
         "LK_EMU_SANITIZE",
         "LK_KERNEL_CACHE",
         "LK_STATIC_LIBSTDCXX",
+        "LK_CUDA_PTX",
         "CXX",
     ] {
         println!("cargo:rerun-if-env-changed={var}");
@@ -343,9 +344,13 @@ fn build_cuda(
     for a in &archs {
         flags.push(format!("-gencode=arch=compute_{a},code=sm_{a}"));
     }
-    flags.push(format!(
-        "-gencode=arch=compute_{newest},code=compute_{newest}"
-    ));
+    // PTX for the newest arch lets future GPUs JIT the kernels; LK_CUDA_PTX=0 leaves it out (the GPU
+    // kit, whose binaries run on one known GPU and must stay small).
+    if env::var("LK_CUDA_PTX").map_or(true, |v| v != "0") {
+        flags.push(format!(
+            "-gencode=arch=compute_{newest},code=compute_{newest}"
+        ));
+    }
     let mut key = flags.clone();
     key.push(tool_version(&nvcc));
     let hash = hash_inputs(all, &key);

@@ -10,7 +10,7 @@ set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 kit=${1:-$root/gpu-kit}
 max_glibc=${LK_KIT_MAX_GLIBC:-2.35}
-export CARGO_TARGET_DIR=$root/target/gpu-kit LK_CUDA_ARCHS=90 LK_STATIC_LIBSTDCXX=1
+export CARGO_TARGET_DIR=$root/target/gpu-kit LK_CUDA_ARCHS=90 LK_CUDA_PTX=0 LK_STATIC_LIBSTDCXX=1
 export LK_KERNEL_CACHE=$root/target/lk-kernel-cache
 cd "$root"
 json=$(mktemp)
