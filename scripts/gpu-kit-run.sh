@@ -6,7 +6,7 @@
 #   1. smoke     20 s  device found, one kernel right
 #   2. tests     90 s  every GPU test (incl. the emulator golden test)
 #   3. sanitizer 60 s  compute-sanitizer memcheck on a subset
-#   4. benches  120 s  criterion benches (GPU cases only)
+#   4. benches  240 s  criterion benches (GPU cases only), an equal share per bench binary
 # Writes OUT_DIR/{smoke,tests,sanitizer,bench-*}.log, OUT_DIR/results.json (schema: README "GPU kit").
 set -uo pipefail
 kit=$(cd "${1:?kit dir}" && pwd)
@@ -47,8 +47,12 @@ else
   echo "compute-sanitizer not found" >"$out/sanitizer.log"
 fi
 export CRITERION_HOME="$out/criterion" LK_BENCH_ONLY_CUDA=1
-for b in "$kit"/bench-*; do
-  step "$(basename "$b")" 120 "$b" --bench --noplot
+# 4 minutes for all benches together: short criterion windows, an equal share per binary.
+benches=("$kit"/bench-*)
+per_bench=$(( 240 / ${#benches[@]} ))
+[ "$per_bench" -lt 20 ] && per_bench=20
+for b in "${benches[@]}"; do
+  step "$(basename "$b")" "$per_bench" "$b" --bench --noplot --warm-up-time 0.5 --measurement-time 1.5
 done
 
 python3 - "$kit" "$out" "[${steps_json%,}]" <<'PY'

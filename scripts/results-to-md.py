@@ -36,10 +36,14 @@ def tests_table(r):
 
 
 def bench_table(r):
-    rows = ["| benchmark | median | GB/s |", "|---|---:|---:|"]
+    # The memory roofline is the run's own device-to-device copy (benches/roofline.rs).
+    copy = next((b["gb_per_s"] for b in r["benches"] if "copy_d2d" in b["id"] and b.get("gb_per_s")), None)
+    head = "| benchmark | median | GB/s | % of copy bandwidth |"
+    rows = [head, "|---|---:|---:|---:|"]
     for b in r["benches"]:
         gbs = f"{b['gb_per_s']:.1f}" if b.get("gb_per_s") else "–"
-        rows.append(f"| `{b['id']}` | {b['median_ns'] / 1000:.2f} µs | {gbs} |")
+        pct = f"{100 * b['gb_per_s'] / copy:.0f} %" if copy and b.get("gb_per_s") else "–"
+        rows.append(f"| `{b['id']}` | {b['median_ns'] / 1000:.2f} µs | {gbs} | {pct} |")
     return "\n".join(rows) if r["benches"] else "No benchmark produced a result."
 
 
