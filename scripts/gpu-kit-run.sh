@@ -4,9 +4,9 @@
 # A fixed sequence, each step with its own time budget (5 minutes in all), so a failed run can be
 # fixed and rerun within the 15 minutes a machine is lent:
 #   1. smoke     20 s  device found, one kernel right
-#   2. tests     90 s  every GPU test (incl. the emulator golden test)
-#   3. sanitizer 60 s  compute-sanitizer memcheck on a subset
-#   4. benches  240 s  criterion benches (GPU cases only), an equal share per bench binary
+#   2. tests     80 s  every GPU test (incl. the emulator golden test)
+#   3. sanitizer 40 s  compute-sanitizer memcheck on a subset
+#   4. benches  160 s  criterion benches (GPU cases only), an equal share per bench binary
 # Writes OUT_DIR/{smoke,tests,sanitizer,bench-*}.log, OUT_DIR/results.json (schema: README "GPU kit").
 set -uo pipefail
 kit=$(cd "${1:?kit dir}" && pwd)
@@ -40,17 +40,17 @@ step() { # name budget_s command...
 
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader >"$out/gpu.txt" 2>&1 || true
 step smoke 20 "$kit/gpu" --exact shrink_dense_f32_matches_cpu
-step tests 90 "$kit/gpu" --test-threads 1
+step tests 80 "$kit/gpu" --test-threads 1
 if command -v compute-sanitizer >/dev/null; then
-  step sanitizer 60 compute-sanitizer --tool memcheck --error-exitcode 99 "$kit/gpu" --test-threads 1 shrink_dense
+  step sanitizer 40 compute-sanitizer --tool memcheck --error-exitcode 99 "$kit/gpu" --test-threads 1 shrink_dense
 else
   echo "compute-sanitizer not found" >"$out/sanitizer.log"
 fi
 export CRITERION_HOME="$out/criterion" LK_BENCH_ONLY_CUDA=1
-# 4 minutes for all benches together: short criterion windows, an equal share per binary.
+# 160 s for all benches together: short criterion windows, an equal share per binary.
 benches=("$kit"/bench-*)
-per_bench=$(( 240 / ${#benches[@]} ))
-[ "$per_bench" -lt 20 ] && per_bench=20
+per_bench=$(( 160 / ${#benches[@]} ))
+[ "$per_bench" -lt 15 ] && per_bench=15
 for b in "${benches[@]}"; do
   step "$(basename "$b")" "$per_bench" "$b" --bench --noplot --warm-up-time 0.5 --measurement-time 1.5
 done
