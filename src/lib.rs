@@ -19,7 +19,9 @@ pub mod dtype;
 pub mod error;
 pub mod ffi;
 pub mod merge;
+pub mod peft;
 pub mod ptxas;
+pub mod registry;
 pub mod sgmv;
 pub mod shrink;
 
