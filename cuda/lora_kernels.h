@@ -152,7 +152,8 @@ typedef struct LkBgmvExpandParams {
  * (*n_segments > max_segments or < 0, seg_starts not non-decreasing or outside [0, tokens], an adapter
  * id out of range, a row_index entry outside [0, tokens)) the whole launch writes nothing and sets
  * LK_FAULT_SEGMENTS (or LK_FAULT_ROW_INDEX). f16/bf16 run on tensor cores (mma.sync), f32 on FMA.
- * Launchers that need scratch take `workspace` of lk_<backend>_sgmv_*_workspace_size(p) bytes.
+ * Launchers that need scratch take `workspace` of lk_<backend>_sgmv_*_workspace_size(p) bytes
+ * (every workspace of this header: at least 8-byte aligned; cudaMalloc's 256-byte alignment is ideal).
  * --------------------------------------------------------------------------------------------- */
 typedef struct LkSgmvShrinkParams {
   const void* x;

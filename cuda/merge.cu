@@ -597,6 +597,10 @@ extern "C" int LK_SYMBOL(merge_apply)(const LkMergeParams* p, void* stream) {
     return set_error(LK_ERR_INVALID_ARGUMENT, "merge_apply: workspace is null (safe and exact merges need %zu bytes)",
                      static_cast<size_t>(geo.workspace_bytes));
   }
+  /* The workspace holds 64-bit offsets: a misaligned base would fault on the GPU (not on a CPU). */
+  if (needs_workspace(*p) && (reinterpret_cast<uintptr_t>(p->workspace) & 7u) != 0) {
+    return set_error(LK_ERR_INVALID_ARGUMENT, "merge_apply: workspace %p is not 8-byte aligned", p->workspace);
+  }
   if (exact && (p->record_header == nullptr || (n_pos && p->codes == nullptr) ||
                 (p->exc_capacity > 0 && (p->exc_index == nullptr || p->exc_bits == nullptr)))) {
     return set_error(LK_ERR_INVALID_ARGUMENT,

@@ -762,6 +762,7 @@ fn c_launcher_validation() {
     };
     let call = |p: &sys::LkMergeParams| unsafe { sys::lk_emu_merge_apply(p, std::ptr::null_mut()) };
     let inv = sys::LK_ERR_INVALID_ARGUMENT as i32;
+    let mut ws = vec![0u64; 1024];
     assert_eq!(
         unsafe { sys::lk_emu_merge_apply(std::ptr::null(), std::ptr::null_mut()) },
         inv
@@ -798,6 +799,11 @@ fn c_launcher_validation() {
             ..base
         },
         sys::LkMergeParams { flags: 1, ..base }, // safe without workspace
+        sys::LkMergeParams {
+            flags: 1,
+            workspace: ws.as_mut_ptr().cast::<u8>().wrapping_add(4).cast(),
+            ..base
+        }, // safe with a misaligned workspace (64-bit offsets inside: a GPU fault)
         sys::LkMergeParams {
             flags: 2,
             workspace: w.as_mut_ptr().cast(),
