@@ -500,6 +500,47 @@ size_t lk_emu_merge_workspace_size(const LkMergeParams* p);
 
 #define LK_MERGE_LAUNCHERS(X) X(merge_apply, LkMergeParams)
 
+/* =============================================================================================
+ * The reference transformer block's kernels (issue #7): one section per family, each defining its
+ * LK_<FAMILY>_LAUNCHERS list. Faults from device-resident indices (token ids, targets, positions,
+ * KV-cache slots) are OR-ed into a caller-zeroed uint32 error word: the element is skipped.
+ * ============================================================================================= */
+enum {
+  LK_FAULT_INDEX = 1u << 4 /* a device-resident index (token id, target, position, slot) out of range: skipped */
+};
+
+/* ---- gemm (cuda/gemm.cu) ---- */
+#define LK_GEMM_LAUNCHERS(X)
+/* ---- end gemm ---- */
+
+/* ---- attention (cuda/attention.cu) ---- */
+#define LK_ATTENTION_LAUNCHERS(X)
+/* ---- end attention ---- */
+
+/* ---- norm (cuda/norm.cu) ---- */
+#define LK_NORM_LAUNCHERS(X)
+/* ---- end norm ---- */
+
+/* ---- embedding (cuda/embedding.cu) ---- */
+#define LK_EMBEDDING_LAUNCHERS(X)
+/* ---- end embedding ---- */
+
+/* ---- rope (cuda/rope.cu) ---- */
+#define LK_ROPE_LAUNCHERS(X)
+/* ---- end rope ---- */
+
+/* ---- elementwise (cuda/elementwise.cu) ---- */
+#define LK_ELEMENTWISE_LAUNCHERS(X)
+/* ---- end elementwise ---- */
+
+/* ---- loss (cuda/loss.cu) ---- */
+#define LK_LOSS_LAUNCHERS(X)
+/* ---- end loss ---- */
+
+/* ---- optim (cuda/optim.cu) ---- */
+#define LK_OPTIM_LAUNCHERS(X)
+/* ---- end optim ---- */
+
 /* The one list of launchers: X(symbol suffix, params type). Both prefixed sets are declared from it. */
 #define LK_LAUNCHERS(X)                     \
   X(shrink_dense, LkShrinkDenseParams)      \
@@ -510,7 +551,15 @@ size_t lk_emu_merge_workspace_size(const LkMergeParams* p);
   X(sgmv_plan, LkSgmvPlanParams)          \
   LK_DROPOUT_LAUNCHERS(X)                 \
   LK_BACKWARD_LAUNCHERS(X)                \
-  LK_MERGE_LAUNCHERS(X)
+  LK_MERGE_LAUNCHERS(X)                   \
+  LK_GEMM_LAUNCHERS(X)                   \
+  LK_ATTENTION_LAUNCHERS(X)              \
+  LK_NORM_LAUNCHERS(X)                   \
+  LK_EMBEDDING_LAUNCHERS(X)              \
+  LK_ROPE_LAUNCHERS(X)                   \
+  LK_ELEMENTWISE_LAUNCHERS(X)            \
+  LK_LOSS_LAUNCHERS(X)                   \
+  LK_OPTIM_LAUNCHERS(X)                 
 
 #define LK_DECLARE_CUDA_LAUNCHER(name, params) int lk_cuda_##name(const params* p, void* stream);
 #define LK_DECLARE_EMU_LAUNCHER(name, params) int lk_emu_##name(const params* p, void* stream);

@@ -389,6 +389,9 @@ pub mod fault {
     pub const SEGMENTS: u32 = sys::LK_FAULT_SEGMENTS;
     /// An SGMV row_index entry was out of range: the launch wrote nothing.
     pub const ROW_INDEX: u32 = sys::LK_FAULT_ROW_INDEX;
+    /// A device-resident index of the block's kernels (token id, target, position, KV-cache slot)
+    /// was out of range: that element was skipped.
+    pub const INDEX: u32 = sys::LK_FAULT_INDEX;
 }
 
 /// Checks that an activation dtype is the weights' dtype or f32 (never f64) and that the backend

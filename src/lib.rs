@@ -11,17 +11,25 @@
 #![doc = include_str!("../README.md")]
 
 pub mod adapter;
+pub mod attention;
 pub mod backend;
 pub mod backward;
 pub mod bgmv;
 pub mod dropout;
 pub mod dtype;
+pub mod elementwise;
+pub mod embedding;
 pub mod error;
 pub mod ffi;
+pub mod gemm;
+pub mod loss;
 pub mod merge;
+pub mod norm;
+pub mod optim;
 pub mod peft;
 pub mod ptxas;
 pub mod registry;
+pub mod rope;
 pub mod sgmv;
 pub mod shrink;
 

@@ -2,6 +2,9 @@
 //! every test is reported as *ignored, "no CUDA device"* at run time — never as passed — and on a
 //! machine with one, plain `cargo test --features cuda` runs them all.
 
+/// The reference block's kernel families (issue #7): one file per family under tests/gpu_block/.
+#[path = "gpu_block/mod.rs"]
+mod block;
 mod common;
 
 use common::selftest::*;
@@ -24,7 +27,7 @@ use lora_kernels::sgmv::SgmvPlan;
 use lora_kernels::shrink::{shrink_dense, ShrinkDense};
 use lora_kernels::{bf16, f16, Backend, Cpu, Cuda, DType, Emu, Error, Float};
 
-type GpuTest = fn(&Cuda) -> Result<(), Failed>;
+pub(crate) type GpuTest = fn(&Cuda) -> Result<(), Failed>;
 
 fn main() {
     let args = Arguments::from_args();
@@ -167,7 +170,9 @@ fn main() {
     ];
     let trials = tests
         .iter()
-        .map(|&(name, f)| {
+        .copied()
+        .chain(block::tests())
+        .map(|(name, f)| {
             Trial::ignorable_test(name, move || {
                 if !available {
                     return Ok(Completion::ignored_with("no CUDA device"));

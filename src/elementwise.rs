@@ -1,0 +1,1 @@
+//! Residual add, accumulate and SwiGLU forward/backward. (issue #7; being written)

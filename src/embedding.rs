@@ -1,0 +1,1 @@
+//! Token embedding forward and deterministic backward. (issue #7; being written)

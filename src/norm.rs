@@ -1,0 +1,1 @@
+//! RMSNorm forward/backward. (issue #7; being written)

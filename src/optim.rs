@@ -1,0 +1,1 @@
+//! AdamW. (issue #7; being written)

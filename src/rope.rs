@@ -1,0 +1,1 @@
+//! Rotary position embedding forward/backward. (issue #7; being written)

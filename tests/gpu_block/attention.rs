@@ -1,0 +1,5 @@
+//! GPU trials: attention.
+
+use crate::GpuTest;
+
+pub const TESTS: &[(&str, GpuTest)] = &[];

@@ -1,0 +1,5 @@
+//! GPU trials: elementwise.
+
+use crate::GpuTest;
+
+pub const TESTS: &[(&str, GpuTest)] = &[];

@@ -1,0 +1,5 @@
+//! GPU trials: embedding.
+
+use crate::GpuTest;
+
+pub const TESTS: &[(&str, GpuTest)] = &[];

@@ -1,0 +1,5 @@
+//! GPU trials: gemm.
+
+use crate::GpuTest;
+
+pub const TESTS: &[(&str, GpuTest)] = &[];

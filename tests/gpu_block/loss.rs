@@ -1,0 +1,5 @@
+//! GPU trials: loss.
+
+use crate::GpuTest;
+
+pub const TESTS: &[(&str, GpuTest)] = &[];

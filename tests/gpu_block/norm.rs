@@ -1,0 +1,5 @@
+//! GPU trials: norm.
+
+use crate::GpuTest;
+
+pub const TESTS: &[(&str, GpuTest)] = &[];

@@ -1,0 +1,5 @@
+//! GPU trials: optim.
+
+use crate::GpuTest;
+
+pub const TESTS: &[(&str, GpuTest)] = &[];

@@ -1,0 +1,5 @@
+//! GPU trials: rope.
+
+use crate::GpuTest;
+
+pub const TESTS: &[(&str, GpuTest)] = &[];
