@@ -12,9 +12,11 @@
 
 pub mod adapter;
 pub mod attention;
+pub mod autograd;
 pub mod backend;
 pub mod backward;
 pub mod bgmv;
+pub mod demo;
 pub mod dropout;
 pub mod dtype;
 pub mod elementwise;
@@ -24,6 +26,7 @@ pub mod ffi;
 pub mod gemm;
 pub mod loss;
 pub mod merge;
+pub mod model;
 pub mod norm;
 pub mod optim;
 pub mod peft;
