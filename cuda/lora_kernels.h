@@ -510,7 +510,31 @@ enum {
 };
 
 /* ---- gemm (cuda/gemm.cu) ---- */
-#define LK_GEMM_LAUNCHERS(X)
+/* C = alpha · op(A) · op(B) + beta · C, all row-major, one dtype (f32, f16 or bf16), f32 accumulate.
+ *   op(A) [m, k]: a_trans = 0: A stored [m, k] (row stride lda >= k); 1: A stored [k, m] (lda >= m).
+ *   op(B) [k, n]: b_trans = 0: B stored [k, n] (ldb >= n);             1: B stored [n, k] (ldb >= k).
+ *   C [m, n] (row stride ldc >= n): columns [n, ldc) are never touched. beta == 0 never reads C.
+ * Epilogue in f32: c = round_T(fmaf(beta, c, alpha · acc)) (beta == 0: round_T(alpha · acc)).
+ * Each C element is one fixed-order reduction over k (no split-K): deterministic and batch-invariant
+ * (row i's bits do not depend on m, column j's not on n). f16/bf16 on tensor cores, f32 on FMA. */
+typedef struct LkGemmParams {
+  const void* a;
+  const void* b;
+  void* c;
+  int64_t lda;
+  int64_t ldb;
+  int64_t ldc;
+  int32_t m;
+  int32_t n;
+  int32_t k;
+  int32_t a_trans; /* 0 or 1 */
+  int32_t b_trans; /* 0 or 1 */
+  float alpha;
+  float beta;
+  int32_t dtype; /* LkDtype */
+} LkGemmParams;
+
+#define LK_GEMM_LAUNCHERS(X) X(gemm, LkGemmParams)
 /* ---- end gemm ---- */
 
 /* ---- attention (cuda/attention.cu) ---- */
