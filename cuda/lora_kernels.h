@@ -538,7 +538,105 @@ typedef struct LkGemmParams {
 /* ---- end gemm ---- */
 
 /* ---- attention (cuda/attention.cu) ---- */
-#define LK_ATTENTION_LAUNCHERS(X)
+/* Causal attention over packed variable-length sequences with grouped KV heads (flash-attn varlen
+ * layout). q [tokens, n_heads·head_dim], k, v [tokens, n_kv_heads·head_dim], row-major packed; head h
+ * uses kv head h / (n_heads / n_kv_heads). seq_starts [n_seqs + 1] (device, int32): sequence i is
+ * rows [s_i, s_{i+1}); it is valid iff 0 <= s_0 <= s_1 <= ... <= s_{i+1} <= tokens and
+ * s_{i+1} - s_i <= max_seq_len. An invalid sequence is skipped (its rows untouched) and
+ * LK_FAULT_INDEX is OR-ed into *fault (null = no reporting); s_0 != 0 or s_n != tokens is flagged too.
+ * head_dim in {16, 32, 64, 128}; dtype (LkDtype) is the storage type of every T tensor, compute f32.
+ * The scores are scale · q·k. */
+typedef struct LkAttentionForwardParams {
+  const void* q;
+  const void* k;
+  const void* v;
+  void* out;                 /* [tokens, n_heads·head_dim] T, overwrite */
+  float* lse;                /* [tokens, n_heads] f32, natural-log logsumexp of the scaled scores */
+  const int32_t* seq_starts; /* [n_seqs + 1] */
+  uint32_t* fault;           /* error word, may be null */
+  float scale;
+  int32_t tokens;
+  int32_t n_seqs;
+  int32_t max_seq_len;
+  int32_t n_heads;
+  int32_t n_kv_heads;
+  int32_t head_dim;
+  int32_t dtype;
+} LkAttentionForwardParams;
+
+/* dq, dk, dv [same shapes as q, k, v] overwrite (rows of valid sequences). Deterministic: D =
+ * rowsum(dO∘O) into the workspace, then one kernel for dq (per query block, key blocks in order) and
+ * one for dk/dv (per key block: the group's query heads in increasing order, query blocks in order). */
+typedef struct LkAttentionBackwardParams {
+  const void* q;
+  const void* k;
+  const void* v;
+  const void* out;
+  const float* lse;
+  const void* d_out;
+  void* dq;
+  void* dk;
+  void* dv;
+  void* workspace; /* lk_<backend>_attention_backward_workspace_size(p) bytes, 16-byte aligned */
+  const int32_t* seq_starts;
+  uint32_t* fault;
+  float scale;
+  int32_t tokens;
+  int32_t n_seqs;
+  int32_t max_seq_len;
+  int32_t n_heads;
+  int32_t n_kv_heads;
+  int32_t head_dim;
+  int32_t dtype;
+} LkAttentionBackwardParams;
+
+/* cache [cache_rows, kv_dim] row t of rows [tokens, kv_dim] → cache row slots[t]; a slot outside
+ * [0, cache_rows) is skipped + LK_FAULT_INDEX. Duplicate slots: one of the rows lands (unspecified). */
+typedef struct LkKvCacheWriteParams {
+  const void* rows;
+  const int32_t* slots;
+  void* cache;
+  uint32_t* fault;
+  int64_t cache_rows;
+  int32_t kv_dim;
+  int32_t tokens;
+  int32_t dtype;
+} LkKvCacheWriteParams;
+
+/* Decode: q [n_seqs, n_heads·head_dim]; sequence i attends (no mask) to cache rows
+ * [kv_start[i], kv_start[i] + kv_len[i]) of k_cache, v_cache [cache_rows, n_kv_heads·head_dim].
+ * kv_start < 0, kv_len < 0, kv_len > max_kv_len or past cache_rows: row untouched + LK_FAULT_INDEX;
+ * kv_len 0: output row zeros. Keys are split in fixed chunks (flash-decoding); partials in the
+ * workspace, combined in a fixed order. */
+typedef struct LkAttentionDecodeParams {
+  const void* q;
+  const void* k_cache;
+  const void* v_cache;
+  const int32_t* kv_start;
+  const int32_t* kv_len;
+  void* out;
+  void* workspace; /* lk_<backend>_attention_decode_workspace_size(p) bytes, 16-byte aligned */
+  uint32_t* fault;
+  int64_t cache_rows;
+  float scale;
+  int32_t n_seqs;
+  int32_t max_kv_len;
+  int32_t n_heads;
+  int32_t n_kv_heads;
+  int32_t head_dim;
+  int32_t dtype;
+} LkAttentionDecodeParams;
+
+size_t lk_cuda_attention_backward_workspace_size(const LkAttentionBackwardParams* p);
+size_t lk_emu_attention_backward_workspace_size(const LkAttentionBackwardParams* p);
+size_t lk_cuda_attention_decode_workspace_size(const LkAttentionDecodeParams* p);
+size_t lk_emu_attention_decode_workspace_size(const LkAttentionDecodeParams* p);
+
+#define LK_ATTENTION_LAUNCHERS(X)                        \
+  X(attention_forward, LkAttentionForwardParams)         \
+  X(attention_backward, LkAttentionBackwardParams)       \
+  X(attention_kv_cache_write, LkKvCacheWriteParams)      \
+  X(attention_decode, LkAttentionDecodeParams)
 /* ---- end attention ---- */
 
 /* ---- norm (cuda/norm.cu) ---- */
