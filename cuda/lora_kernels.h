@@ -640,19 +640,134 @@ size_t lk_emu_attention_decode_workspace_size(const LkAttentionDecodeParams* p);
 /* ---- end attention ---- */
 
 /* ---- norm (cuda/norm.cu) ---- */
-#define LK_NORM_LAUNCHERS(X)
+/* RMSNorm (Llama): x, y, dy, dx [rows, dim] packed row-major; w, dw [dim]; rstd [rows] f32.
+ *   forward:  rstd[r] = 1/sqrt(mean_j x[r,j]^2 + eps) (1/sqrt(eps) when dim = 0); y = x · rstd · w.
+ *   backward: c[r] = sum_j dy·w·x; dx = rstd·w·dy − (rstd^3/dim)·x·c; dw[j] = sum_r dy·x·rstd
+ *             (fixed split over rows into workspace partials, summed in piece order: deterministic).
+ * One dtype for x, w, y, dy, dx, dw (LkDtype); f32 arithmetic. eps finite and >= 0. The backward's
+ * workspace: lk_<backend>_norm_rmsnorm_backward_workspace_size(p) bytes (may be 0: then null is fine). */
+typedef struct LkRmsNormForwardParams {
+  const void* x;
+  const void* w;
+  void* y;
+  float* rstd;
+  int32_t rows;
+  int32_t dim;
+  float eps;
+  int32_t dtype; /* LkDtype */
+} LkRmsNormForwardParams;
+
+typedef struct LkRmsNormBackwardParams {
+  const void* x;
+  const void* w;
+  const float* rstd;
+  const void* dy;
+  void* dx;
+  void* dw;
+  void* workspace;
+  int32_t rows;
+  int32_t dim;
+  int32_t dtype; /* LkDtype */
+} LkRmsNormBackwardParams;
+
+size_t lk_cuda_norm_rmsnorm_backward_workspace_size(const LkRmsNormBackwardParams* p);
+size_t lk_emu_norm_rmsnorm_backward_workspace_size(const LkRmsNormBackwardParams* p);
+
+#define LK_NORM_LAUNCHERS(X)                         \
+  X(norm_rmsnorm_forward, LkRmsNormForwardParams)    \
+  X(norm_rmsnorm_backward, LkRmsNormBackwardParams)
 /* ---- end norm ---- */
 
 /* ---- embedding (cuda/embedding.cu) ---- */
-#define LK_EMBEDDING_LAUNCHERS(X)
+/* Token embedding: ids int32 [tokens] (device-resident), table / d_table [vocab, dim], out / d_out
+ * [tokens, dim], one dtype (LkDtype). An id outside [0, vocab) is skipped and LK_FAULT_INDEX is OR-ed
+ * into *fault (caller-zeroed; null = no reporting).
+ *   forward:  out[t, :] = table[ids[t], :] (a bad id leaves row t untouched).
+ *   backward: d_table[v, :] = sum over t with ids[t] = v of d_out[t, :], summed in ascending t in f32
+ *             (deterministic: a stable device radix sort of the ids into the workspace, then one
+ *             pass per vocab row); rows no token uses become 0. Workspace:
+ *             lk_<backend>_embedding_backward_workspace_size(p) bytes, 16-byte aligned. */
+typedef struct LkEmbeddingForwardParams {
+  const int32_t* ids;
+  const void* table;
+  void* out;
+  uint32_t* fault;
+  int32_t vocab;
+  int32_t dim;
+  int32_t tokens;
+  int32_t dtype; /* LkDtype */
+} LkEmbeddingForwardParams;
+
+typedef struct LkEmbeddingBackwardParams {
+  const int32_t* ids;
+  const void* d_out;
+  void* d_table;
+  void* workspace;
+  uint32_t* fault;
+  int32_t vocab;
+  int32_t dim;
+  int32_t tokens;
+  int32_t dtype; /* LkDtype */
+} LkEmbeddingBackwardParams;
+
+size_t lk_cuda_embedding_backward_workspace_size(const LkEmbeddingBackwardParams* p);
+size_t lk_emu_embedding_backward_workspace_size(const LkEmbeddingBackwardParams* p);
+
+#define LK_EMBEDDING_LAUNCHERS(X)                      \
+  X(embedding_forward, LkEmbeddingForwardParams)       \
+  X(embedding_backward, LkEmbeddingBackwardParams)
 /* ---- end embedding ---- */
 
 /* ---- rope (cuda/rope.cu) ---- */
-#define LK_ROPE_LAUNCHERS(X)
+/* Rotary position embedding, HF Llama convention (rotate_half), in place on x [tokens, n_heads·head_dim]
+ * (one dtype, LkDtype). For head h and i < head_dim/2 the pair (x[h·hd + i], x[h·hd + i + hd/2]) is
+ * rotated by angle = f32(pos) · inv_freq[i] (an f32 product), inv_freq[i] = f32(theta^(−2i/hd)) computed
+ * in double: forward (a, b) → (a·cos − b·sin, b·cos + a·sin); backward uses −angle (the transpose).
+ * positions int32 [tokens] (device-resident): a negative one skips the token (row untouched) and ORs
+ * LK_FAULT_INDEX into *fault (null = no reporting). head_dim even; theta finite and > 0. */
+typedef struct LkRopeParams {
+  const int32_t* positions;
+  void* x;
+  uint32_t* fault;
+  int32_t tokens;
+  int32_t n_heads;
+  int32_t head_dim;
+  float theta;
+  int32_t dtype; /* LkDtype */
+} LkRopeParams;
+
+#define LK_ROPE_LAUNCHERS(X)       \
+  X(rope_forward, LkRopeParams)    \
+  X(rope_backward, LkRopeParams)
 /* ---- end rope ---- */
 
 /* ---- elementwise (cuda/elementwise.cu) ---- */
-#define LK_ELEMENTWISE_LAUNCHERS(X)
+/* Elementwise ops over n elements of one dtype (LkDtype), f32 arithmetic, one rounding per output:
+ *   elementwise_add:             out = a + b
+ *   elementwise_add_assign:      out += a                      (out is the accumulator)
+ *   elementwise_swiglu_forward:  out = silu(a) · b            (a = gate, b = up; silu(g) = g·sigmoid(g))
+ *   elementwise_swiglu_backward: out = c · b · sigmoid(a)·(1 + a·(1 − sigmoid(a))), out2 = c · silu(a)
+ *                                (c = d_out; out = d_gate, out2 = d_up)
+ *   elementwise_scale:           out *= alpha
+ * sigmoid is evaluated without overflow (exp of a non-positive argument only). Outputs may not
+ * overlap inputs except where an op updates in place. */
+typedef struct LkElementwiseParams {
+  const void* a;
+  const void* b;
+  const void* c;
+  void* out;
+  void* out2;
+  int64_t n;
+  float alpha;
+  int32_t dtype; /* LkDtype */
+} LkElementwiseParams;
+
+#define LK_ELEMENTWISE_LAUNCHERS(X)                              \
+  X(elementwise_add, LkElementwiseParams)                        \
+  X(elementwise_add_assign, LkElementwiseParams)                 \
+  X(elementwise_swiglu_forward, LkElementwiseParams)             \
+  X(elementwise_swiglu_backward, LkElementwiseParams)            \
+  X(elementwise_scale, LkElementwiseParams)
 /* ---- end elementwise ---- */
 
 /* ---- loss (cuda/loss.cu) ---- */
