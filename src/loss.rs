@@ -180,60 +180,100 @@ pub fn argmax_rows<B: Backend, T: Float>(
     kernels::argmax_rows(b, launchers, rows, cols, x, out)
 }
 
-/// The emu/cuda dispatch.
+/// The emu/cuda dispatch (sizes, lengths and dtypes already validated by the callers).
 mod kernels {
     use super::*;
-    use crate::ffi::Launchers;
+    use crate::ffi::{pick_launcher, sys, Launchers};
 
-    fn pending<B: Backend>(b: &B, op: &'static str) -> Result<()> {
-        Err(Error::Kernel {
-            backend: b.name(),
-            op,
-            code: crate::ffi::sys::LK_ERR_UNSUPPORTED_DTYPE as i32,
-            kind: crate::error::KernelErrorKind::UnsupportedDtype,
-            message: "loss kernels are not implemented yet (cpu backend only)".into(),
-        })
+    fn tag<T: Float>() -> i32 {
+        T::DTYPE.ffi_tag().unwrap_or(-1)
     }
 
     #[allow(clippy::too_many_arguments)]
     pub(super) fn cross_entropy_forward<B: Backend, T: Float>(
         b: &B,
-        _l: &Launchers,
-        _rows: usize,
-        _vocab: usize,
-        _logits: &B::Buffer<T>,
-        _targets: &B::Buffer<i32>,
-        _losses: &mut B::Buffer<f32>,
-        _lse: &mut B::Buffer<f32>,
-        _fault: &mut B::Buffer<u32>,
+        l: &'static Launchers,
+        rows: usize,
+        vocab: usize,
+        logits: &B::Buffer<T>,
+        targets: &B::Buffer<i32>,
+        losses: &mut B::Buffer<f32>,
+        lse: &mut B::Buffer<f32>,
+        fault: &mut B::Buffer<u32>,
     ) -> Result<()> {
-        pending(b, "loss_cross_entropy_forward")
+        let p = sys::LkCrossEntropyForwardParams {
+            logits: b.raw_ptr(logits),
+            targets: b.raw_ptr(targets).cast(),
+            losses: b.raw_ptr_mut(losses).cast(),
+            lse: b.raw_ptr_mut(lse).cast(),
+            fault: b.raw_ptr_mut(fault).cast(),
+            rows: rows as i32,
+            vocab: vocab as i32,
+            dtype: tag::<T>(),
+        };
+        let f = pick_launcher!(
+            l,
+            sys::lk_emu_loss_cross_entropy_forward,
+            sys::lk_cuda_loss_cross_entropy_forward
+        );
+        // SAFETY: dtype and every buffer length were checked against (rows, vocab) by the caller;
+        // the outputs are distinct mutable borrows.
+        unsafe { crate::ffi::launch(b, l, "loss_cross_entropy_forward", f, &p) }
     }
 
     #[allow(clippy::too_many_arguments)]
     pub(super) fn cross_entropy_backward<B: Backend, T: Float>(
         b: &B,
-        _l: &Launchers,
-        _rows: usize,
-        _vocab: usize,
-        _logits: &B::Buffer<T>,
-        _targets: &B::Buffer<i32>,
-        _lse: &B::Buffer<f32>,
-        _d_loss: f32,
-        _d_logits: &mut B::Buffer<T>,
+        l: &'static Launchers,
+        rows: usize,
+        vocab: usize,
+        logits: &B::Buffer<T>,
+        targets: &B::Buffer<i32>,
+        lse: &B::Buffer<f32>,
+        d_loss: f32,
+        d_logits: &mut B::Buffer<T>,
     ) -> Result<()> {
-        pending(b, "loss_cross_entropy_backward")
+        let p = sys::LkCrossEntropyBackwardParams {
+            logits: b.raw_ptr(logits),
+            targets: b.raw_ptr(targets).cast(),
+            lse: b.raw_ptr(lse).cast(),
+            d_logits: b.raw_ptr_mut(d_logits),
+            rows: rows as i32,
+            vocab: vocab as i32,
+            d_loss,
+            dtype: tag::<T>(),
+        };
+        let f = pick_launcher!(
+            l,
+            sys::lk_emu_loss_cross_entropy_backward,
+            sys::lk_cuda_loss_cross_entropy_backward
+        );
+        // SAFETY: as above.
+        unsafe { crate::ffi::launch(b, l, "loss_cross_entropy_backward", f, &p) }
     }
 
     pub(super) fn argmax_rows<B: Backend, T: Float>(
         b: &B,
-        _l: &Launchers,
-        _rows: usize,
-        _cols: usize,
-        _x: &B::Buffer<T>,
-        _out: &mut B::Buffer<i32>,
+        l: &'static Launchers,
+        rows: usize,
+        cols: usize,
+        x: &B::Buffer<T>,
+        out: &mut B::Buffer<i32>,
     ) -> Result<()> {
-        pending(b, "loss_argmax_rows")
+        let p = sys::LkArgmaxRowsParams {
+            x: b.raw_ptr(x),
+            out: b.raw_ptr_mut(out).cast(),
+            rows: rows as i32,
+            cols: cols as i32,
+            dtype: tag::<T>(),
+        };
+        let f = pick_launcher!(
+            l,
+            sys::lk_emu_loss_argmax_rows,
+            sys::lk_cuda_loss_argmax_rows
+        );
+        // SAFETY: as above.
+        unsafe { crate::ffi::launch(b, l, "loss_argmax_rows", f, &p) }
     }
 }
 

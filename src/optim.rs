@@ -194,6 +194,13 @@ pub fn sum_squares<B: Backend, T: Float>(
             b.len(workspace),
         ));
     }
+    if need > 0 && (b.raw_ptr(workspace) as usize) % 4 != 0 {
+        return Err(Error::invalid(
+            "workspace",
+            "a 4-byte aligned buffer",
+            format!("{:p}", b.raw_ptr(workspace)),
+        ));
+    }
     let Some(launchers) = b.launchers() else {
         let x = b.host_slice(x).expect("host buffer");
         let out = b.host_slice_mut(out).expect("host buffer");
@@ -203,45 +210,90 @@ pub fn sum_squares<B: Backend, T: Float>(
     kernels::sum_squares(b, launchers, x, out, workspace)
 }
 
-/// The emu/cuda dispatch.
+/// The emu/cuda dispatch (lengths and dtypes already validated by the callers).
 mod kernels {
     use super::*;
-    use crate::ffi::Launchers;
-
-    fn pending<B: Backend>(b: &B, op: &'static str) -> Result<()> {
-        Err(Error::Kernel {
-            backend: b.name(),
-            op,
-            code: crate::ffi::sys::LK_ERR_UNSUPPORTED_DTYPE as i32,
-            kind: crate::error::KernelErrorKind::UnsupportedDtype,
-            message: "optim kernels are not implemented yet (cpu backend only)".into(),
-        })
-    }
+    use crate::ffi::{pick_launcher, sys, Launchers};
 
     pub(super) fn adamw_step<B: Backend, T: Float>(
         b: &B,
-        _l: &Launchers,
-        _f: &AdamWFactors,
-        _param: &mut B::Buffer<T>,
-        _grad: &B::Buffer<T>,
-        _m: &mut B::Buffer<f32>,
-        _v: &mut B::Buffer<f32>,
+        l: &'static Launchers,
+        f: &AdamWFactors,
+        param: &mut B::Buffer<T>,
+        grad: &B::Buffer<T>,
+        m: &mut B::Buffer<f32>,
+        v: &mut B::Buffer<f32>,
     ) -> Result<()> {
-        pending(b, "optim_adamw_step")
+        let p = sys::LkAdamWParams {
+            param: b.raw_ptr_mut(param),
+            grad: b.raw_ptr(grad),
+            m: b.raw_ptr_mut(m).cast(),
+            v: b.raw_ptr_mut(v).cast(),
+            n: b.len(param) as i64,
+            decay: f.decay,
+            beta1: f.beta1,
+            beta2: f.beta2,
+            one_minus_beta1: f.one_minus_beta1,
+            one_minus_beta2: f.one_minus_beta2,
+            step_size: f.step_size,
+            bc2_sqrt: f.bc2_sqrt,
+            eps: f.eps,
+            dtype: T::DTYPE.ffi_tag().unwrap_or(-1),
+        };
+        let launcher = pick_launcher!(
+            l,
+            sys::lk_emu_optim_adamw_step,
+            sys::lk_cuda_optim_adamw_step
+        );
+        // SAFETY: the four buffers have the same length n (checked by the caller) and are distinct.
+        unsafe { crate::ffi::launch(b, l, "optim_adamw_step", launcher, &p) }
     }
 
-    pub(super) fn sum_squares_workspace_bytes(_l: &Launchers, _n: usize) -> usize {
-        0
+    fn sum_params<T: Float>(n: usize) -> sys::LkSumSquaresParams {
+        sys::LkSumSquaresParams {
+            x: std::ptr::null(),
+            out: std::ptr::null_mut(),
+            workspace: std::ptr::null_mut(),
+            n: n as i64,
+            dtype: T::DTYPE.ffi_tag().unwrap_or(-1),
+        }
+    }
+
+    /// The workspace of the widest-chunk dtype's split is the largest: sizes are computed for f16
+    /// (8 elements per 128-bit chunk) and f32 and the maximum is returned, so one size serves every
+    /// kernel dtype.
+    pub(super) fn sum_squares_workspace_bytes(l: &'static Launchers, n: usize) -> usize {
+        let f = pick_launcher!(
+            l,
+            sys::lk_emu_optim_sum_squares_workspace_size,
+            sys::lk_cuda_optim_sum_squares_workspace_size
+        );
+        let n = n.min(i64::MAX as usize);
+        // SAFETY: a pure function of the params' sizes.
+        unsafe { f(&sum_params::<f32>(n)).max(f(&sum_params::<crate::dtype::f16>(n))) }
     }
 
     pub(super) fn sum_squares<B: Backend, T: Float>(
         b: &B,
-        _l: &Launchers,
-        _x: &B::Buffer<T>,
-        _out: &mut B::Buffer<f32>,
-        _workspace: &mut B::Buffer<u8>,
+        l: &'static Launchers,
+        x: &B::Buffer<T>,
+        out: &mut B::Buffer<f32>,
+        workspace: &mut B::Buffer<u8>,
     ) -> Result<()> {
-        pending(b, "optim_sum_squares")
+        let p = sys::LkSumSquaresParams {
+            x: b.raw_ptr(x),
+            out: b.raw_ptr_mut(out).cast(),
+            workspace: b.raw_ptr_mut(workspace),
+            ..sum_params::<T>(b.len(x))
+        };
+        let f = pick_launcher!(
+            l,
+            sys::lk_emu_optim_sum_squares,
+            sys::lk_cuda_optim_sum_squares
+        );
+        // SAFETY: out has ≥ 1 element and the workspace ≥ sum_squares_workspace_bytes(n) bytes
+        // (checked by the caller); x holds n elements.
+        unsafe { crate::ffi::launch(b, l, "optim_sum_squares", f, &p) }
     }
 }
 
