@@ -771,11 +771,94 @@ typedef struct LkElementwiseParams {
 /* ---- end elementwise ---- */
 
 /* ---- loss (cuda/loss.cu) ---- */
-#define LK_LOSS_LAUNCHERS(X)
+/* Softmax cross-entropy and row argmax. logits / x: [rows, cols] packed row-major (row stride =
+ * vocab / cols elements), dtype LkDtype; compute and accumulate in f32. rows, vocab/cols >= 0, and
+ * >= 1 column when rows > 0. Reductions run in a fixed order that depends only on vocab/cols:
+ * deterministic and batch-invariant.
+ * Forward: lse[r] = ln Σ_c exp(logits[r, c]) and losses[r] = lse[r] − logits[r, targets[r]]
+ *   (overwrite). targets[r] == −1: ignored, losses[r] = 0. Any other target outside [0, vocab):
+ *   losses[r] = 0 and LK_FAULT_INDEX is OR-ed into *fault (null = no reporting). lse is written for
+ *   every row. */
+typedef struct LkCrossEntropyForwardParams {
+  const void* logits;     /* [rows, vocab] */
+  const int32_t* targets; /* [rows] */
+  float* losses;          /* [rows] */
+  float* lse;             /* [rows] */
+  uint32_t* fault;        /* error word, may be null */
+  int32_t rows;
+  int32_t vocab;
+  int32_t dtype; /* LkDtype of logits */
+} LkCrossEntropyForwardParams;
+
+/* Backward: d_logits[r, c] = d_loss · (exp(logits[r, c] − lse[r]) − [c == targets[r]]) (overwrite);
+ * rows whose target is outside [0, vocab) (−1 included) are written as zeros. */
+typedef struct LkCrossEntropyBackwardParams {
+  const void* logits;     /* [rows, vocab] */
+  const int32_t* targets; /* [rows] */
+  const float* lse;       /* [rows], from the forward */
+  void* d_logits;         /* [rows, vocab], the logits' dtype */
+  int32_t rows;
+  int32_t vocab;
+  float d_loss; /* finite */
+  int32_t dtype;
+} LkCrossEntropyBackwardParams;
+
+/* out[r] = the first index of the maximum of x[r, :]; NaN compares larger than everything (the first
+ * NaN wins), −0 == +0. */
+typedef struct LkArgmaxRowsParams {
+  const void* x; /* [rows, cols] */
+  int32_t* out;  /* [rows] */
+  int32_t rows;
+  int32_t cols;
+  int32_t dtype;
+} LkArgmaxRowsParams;
+
+#define LK_LOSS_LAUNCHERS(X)                                     \
+  X(loss_cross_entropy_forward, LkCrossEntropyForwardParams)    \
+  X(loss_cross_entropy_backward, LkCrossEntropyBackwardParams)  \
+  X(loss_argmax_rows, LkArgmaxRowsParams)
 /* ---- end loss ---- */
 
 /* ---- optim (cuda/optim.cu) ---- */
-#define LK_OPTIM_LAUNCHERS(X)
+/* AdamW (torch.optim.AdamW semantics), elementwise in place over n elements: param (dtype), grad
+ * (dtype), m and v (f32). The host computes the step's factors in f64 and rounds each to f32 once;
+ * per element, in f32 with explicit fused multiply-adds (the same bits on emu and cuda):
+ *   p = param · decay;  m = fmaf(one_minus_beta1, g − m, m);  v = fmaf(one_minus_beta2, g·g, beta2·v);
+ *   d = sqrt(v) / bc2_sqrt + eps;  param = round(fmaf(−step_size, m / d, p)). */
+typedef struct LkAdamWParams {
+  void* param;
+  const void* grad;
+  float* m;
+  float* v;
+  int64_t n;
+  float decay;           /* 1 − lr·weight_decay */
+  float beta1;
+  float beta2;
+  float one_minus_beta1; /* 1 − beta1 */
+  float one_minus_beta2; /* 1 − beta2 */
+  float step_size;       /* lr / (1 − beta1^step) */
+  float bc2_sqrt;        /* sqrt(1 − beta2^step) */
+  float eps;
+  int32_t dtype; /* LkDtype of param and grad */
+} LkAdamWParams;
+
+/* *out = Σ x[i]² (f32), deterministic: a block count that depends only on n, block partials in the
+ * workspace (lk_<backend>_optim_sum_squares_workspace_size(p) bytes, 4-byte aligned; 0 when one block
+ * suffices) and a fixed-order second pass. n = 0 writes 0. */
+typedef struct LkSumSquaresParams {
+  const void* x; /* [n] */
+  float* out;    /* [1] */
+  void* workspace;
+  int64_t n;
+  int32_t dtype;
+} LkSumSquaresParams;
+
+size_t lk_cuda_optim_sum_squares_workspace_size(const LkSumSquaresParams* p);
+size_t lk_emu_optim_sum_squares_workspace_size(const LkSumSquaresParams* p);
+
+#define LK_OPTIM_LAUNCHERS(X)                 \
+  X(optim_adamw_step, LkAdamWParams)          \
+  X(optim_sum_squares, LkSumSquaresParams)
 /* ---- end optim ---- */
 
 /* The one list of launchers: X(symbol suffix, params type). Both prefixed sets are declared from it. */
