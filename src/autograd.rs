@@ -692,7 +692,7 @@ impl<'a, B: Backend, T: Float> Tape<'a, B, T> {
             self.b,
             logits.rows,
             logits.cols,
-            self.value(logits),
+            &self.nodes[logits.id].value,
             &t_buf,
             &mut losses,
             &mut lse,

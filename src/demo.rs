@@ -278,6 +278,39 @@ fn lr_at(base: f32, step: usize, total: usize) -> f32 {
     base * (0.1 + 0.9 * 0.5 * (1.0 + (std::f32::consts::PI * t).cos()))
 }
 
+/// The demo's optimizer settings at learning rate `lr`.
+pub fn adamw(lr: f32) -> AdamW {
+    AdamW {
+        lr,
+        beta1: 0.9,
+        beta2: 0.98,
+        eps: 1e-8,
+        weight_decay: 0.0,
+    }
+}
+
+/// One optimizer step: forward, backward, AdamW with the gradient norm clipped to 1. Returns the
+/// step's loss (before the update).
+pub fn train_step<B: Backend>(
+    b: &B,
+    model: &mut TinyLm<B, f32>,
+    batch: &Batch,
+    opt: &AdamW,
+    seed: u64,
+) -> Result<f64> {
+    let mut tape = Tape::new(b)?;
+    let loss = model.loss(&mut tape, batch, seed)?;
+    tape.backward(&mut model.params)?;
+    model.params.adamw_step(b, opt, Some(1.0))?;
+    model.params.zero_grad();
+    Ok(loss)
+}
+
+/// The seed of step `step` of a run seeded `seed` (data and dropout).
+pub fn step_seed(seed: u64, step: usize) -> u64 {
+    SplitMix::new(seed ^ (step as u64).wrapping_mul(0xA24B_AED4_963E_E407)).next_u64()
+}
+
 /// Trains `model`'s trainable parameters on `tasks` for `steps` steps; returns the losses.
 pub fn train<B: Backend>(
     b: &B,
@@ -289,24 +322,15 @@ pub fn train<B: Backend>(
     seed: u64,
     progress: &mut dyn Progress,
 ) -> Result<(Vec<f64>, usize)> {
-    let mut rng = SplitMix::new(seed);
     let mut losses = Vec::with_capacity(steps);
     let mut tokens = 0;
     for step in 0..steps {
-        let batch = make_batch(tasks, cfg.batch, cfg.len, &mut rng);
+        // Each step's data and dropout masks depend only on (seed, step): a run resumed from a
+        // checkpoint sees the same batches.
+        let batch = make_batch(tasks, cfg.batch, cfg.len, &mut SplitMix::new(step_seed(seed, step)));
         tokens += batch.tokens.len();
-        let mut tape = Tape::new(b)?;
-        let loss = model.loss(&mut tape, &batch, seed.wrapping_mul(1_000_003).wrapping_add(step as u64))?;
-        tape.backward(&mut model.params)?;
-        let opt = AdamW {
-            lr: lr_at(lr, step, steps),
-            beta1: 0.9,
-            beta2: 0.98,
-            eps: 1e-8,
-            weight_decay: 0.0,
-        };
-        model.params.adamw_step(b, &opt, Some(1.0))?;
-        model.params.zero_grad();
+        let opt = adamw(lr_at(lr, step, steps));
+        let loss = train_step(b, model, &batch, &opt, step_seed(seed, step))?;
         losses.push(loss);
         progress.step(loss);
     }

@@ -335,6 +335,56 @@ impl<B: Backend, T: Float> TinyLm<B, T> {
         tape.cross_entropy(logits, &batch.targets)
     }
 
+    /// Writes every parameter, the AdamW moments and the step count (safetensors, f64: exact for
+    /// every element type), so that training resumes bit for bit.
+    pub fn save_checkpoint(&self, b: &B, path: &std::path::Path) -> Result<()> {
+        let (step, state) = self.params.state(b)?;
+        let bytes: Vec<(String, Vec<u8>, usize)> = state
+            .iter()
+            .map(|(name, v)| (name.clone(), v.iter().flat_map(|x| x.to_le_bytes()).collect(), v.len()))
+            .collect();
+        let views = bytes
+            .iter()
+            .map(|(name, data, n)| {
+                safetensors::tensor::TensorView::new(safetensors::Dtype::F64, vec![*n], data)
+                    .map(|v| (name.clone(), v))
+                    .map_err(|e| Error::invalid("checkpoint", "a valid tensor", e.to_string()))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let meta = std::collections::HashMap::from([("step".to_string(), step.to_string())]);
+        let out = safetensors::serialize(views, &Some(meta))
+            .map_err(|e| Error::invalid("checkpoint", "serialisable", e.to_string()))?;
+        std::fs::write(path, out).map_err(|e| Error::invalid("path", "writable", e.to_string()))
+    }
+
+    /// Restores [`TinyLm::save_checkpoint`] into a model of the same configuration (and the same
+    /// attached adapter, if any).
+    pub fn load_checkpoint(&mut self, b: &B, path: &std::path::Path) -> Result<()> {
+        let bytes = std::fs::read(path).map_err(|e| Error::invalid("path", "readable", e.to_string()))?;
+        let bad = |e: String| Error::invalid("checkpoint", "a checkpoint written by save_checkpoint", e);
+        let (_, meta) = safetensors::SafeTensors::read_metadata(&bytes).map_err(|e| bad(e.to_string()))?;
+        let step: u32 = meta
+            .metadata()
+            .as_ref()
+            .and_then(|m| m.get("step"))
+            .and_then(|s| s.parse().ok())
+            .ok_or_else(|| bad("no step".into()))?;
+        let st = safetensors::SafeTensors::deserialize(&bytes).map_err(|e| bad(e.to_string()))?;
+        let mut state = Vec::new();
+        for (name, view) in st.tensors() {
+            if view.dtype() != safetensors::Dtype::F64 {
+                return Err(bad(format!("{name} is not f64")));
+            }
+            let v: Vec<f64> = view
+                .data()
+                .chunks_exact(8)
+                .map(|c| f64::from_le_bytes(c.try_into().expect("8 bytes")))
+                .collect();
+            state.push((name, v));
+        }
+        self.params.load_state(b, step, &state)
+    }
+
     /// The attached adapter as a PEFT adapter (f32 tensors).
     pub fn export_peft(&self, b: &B) -> Result<PeftAdapter> {
         let att = self
@@ -423,7 +473,6 @@ pub struct Engine<'m, B: Backend + 'static> {
 struct KvCache<B: Backend> {
     k: Vec<B::Buffer<f32>>,
     v: Vec<B::Buffer<f32>>,
-    capacity: usize,
 }
 
 impl<'m, B: Backend + 'static> Engine<'m, B> {
@@ -492,7 +541,6 @@ impl<'m, B: Backend + 'static> Engine<'m, B> {
         let mut cache = KvCache {
             k: (0..cfg.n_layers).map(|_| b.alloc(n * capacity * cfg.kv_dim())).collect::<Result<_>>()?,
             v: (0..cfg.n_layers).map(|_| b.alloc(n * capacity * cfg.kv_dim())).collect::<Result<_>>()?,
-            capacity,
         };
         let mut fault = b.alloc::<u32>(1)?;
 
