@@ -9,15 +9,22 @@
  * only in how a tile is copied into shared memory and how ldmatrix reads it back.
  *
  * f16 / bf16: tensor cores (mma.sync m16n8k16, f32 accumulate).
- *   Block tile BM × BN, K staged kTcBK = 32 at a time through a STAGES-deep cp.async ring (16-byte
- *   copies where base, leading dimension and bounds allow; element loads with zero fill at the m/n/k
- *   edges and for misaligned operands). Shared tiles keep the operand's contiguous dimension
- *   contiguous, padded by 8 halves per row (row strides 80 B or (BM|BN)·2 + 16 B: the 8 row addresses
- *   of every ldmatrix phase fall in distinct 16-byte bank groups, no conflicts):
+ *   Block tile BM × BN, K staged kTcBK = 32 at a time through a STAGES-deep cp.async ring. Shared
+ *   tiles keep the operand's contiguous dimension contiguous, padded by 8 halves per row (row strides
+ *   80 B or (BM|BN)·2 + 16 B: the 8 row addresses of every ldmatrix phase fall in distinct 16-byte
+ *   bank groups, no conflicts):
  *     A, a_trans = 0: [BM][32+8] (k contiguous)  → ldmatrix.x4         (A fragment directly)
  *     A, a_trans = 1: [32][BM+8] (m contiguous)  → ldmatrix.x4.trans
  *     B, b_trans = 1: [BN][32+8] (k contiguous)  → ldmatrix.x4         (B "col" fragment directly)
  *     B, b_trans = 0: [32][BN+8] (n contiguous)  → ldmatrix.x4.trans
+ *   Copies: every thread owns two (S: one) 8-element chunks per operand and k-tile, planned once per
+ *   block (TcLoader: global offset at k = 0, advanced by a uniform step per k-tile). A chunk goes by
+ *   one 16-byte cp.async when the operand is 16-byte aligned (base and leading dimension) and the
+ *   chunk lies inside k; rows past m (A) or n (B) are clamped to the last valid one — they only feed
+ *   accumulators of outputs that are never stored, since mma rows/columns are independent. The rest
+ *   (the k edge, which must be zeros, chunks straddling the m/n edge along the contiguous dimension,
+ *   misaligned operands) takes an out-of-line element path with zero fill, so the main loop keeps its
+ *   registers (no spills at 128 registers).
  *   Warps tile the block (WARPS_M × WARPS_N), each WM × WN = (WM/16) × (WN/8) mma tiles held in f32
  *   registers. Three configurations, picked on the host from (m, n) only:
  *     L: 128 × 128, 8 warps of 64 × 32, 4 stages (80 KiB dynamic smem, 2 blocks/SM)
@@ -25,12 +32,13 @@
  *     S:  32 ×  32, 4 warps of 16 × 16, 4 stages (20 KiB)
  *   the largest whose tile count fills one wave of the H200 (132 SMs), else S: small or skinny
  *   shapes (decode m = 1, LoRA-sized n) still spread over the GPU.
- * f32: CUDA-core FMA (tensor-core f32 would be TF32). Block tile BM × BN, K staged 16 at a time,
+ * f32: CUDA-core FMA (tensor-core f32 would be TF32). Block tile BM × BN, K staged BK at a time,
  *   global → registers → shared double buffer (the next tile's loads are in flight while the current
- *   one is consumed); shared tiles are k-major ([16][BM+4], [16][BN+4]: A and Bᵀ transposed on the
- *   way in when stored k-contiguous) so every thread reads float4 rows; each thread owns TM × TN
- *   outputs (4 × 4 blocks spread BM/2, BN/2 apart for TM = 8). Configurations: 128 × 128 (8 × 8 per
- *   thread, 256 threads), 64 × 64 (4 × 4, 256 threads), 32 × 32 (4 × 4, 64 threads), same rule.
+ *   one is consumed; planned like TcLoader with float4 chunks); shared tiles are k-major
+ *   ([BK][BM+4], [BK][BN+4]: A and Bᵀ transposed on the way in when stored k-contiguous) so every
+ *   thread reads float4 rows; each thread owns TM × TN outputs (4 × 4 blocks spread BM/2, BN/2 apart
+ *   for TM = 8). Configurations: 128 × 128 × 8 (8 × 8 per thread, 256 threads), 64 × 64 × 16 (4 × 4,
+ *   256 threads), 32 × 32 × 16 (4 × 4, 64 threads), same rule.
  *
  * Grid: one block per output tile, 1-D (x ≤ 2^31 − 1) in grouped order (8 tile rows sweep the tile
  * columns together, so A's tile rows and B's tile columns stay in L2).
