@@ -29,9 +29,11 @@
  *     same under every schedule.
  *  2. One warp per (vocab row, chunk of 32·VEC columns), grid-stride: binary search of the sorted keys
  *     for the row's segment, then every lane sums its VEC columns over the segment's tokens in sorted
- *     (ascending t) order — 8 token rows loaded ahead, added in order — and stores them (0 if empty).
- *     A segment is one warp's serial work: an id repeated L times costs ~L/8 memory round trips per
- *     chunk (a very common token in a huge batch is the slow case; the order is the contract).
+ *     (ascending t) order — 8 (f32) or 4 (f16/bf16) token rows loaded ahead, added in order — and stores
+ *     them (0 if empty).
+ *     A segment is one warp's serial work: an id repeated L times costs ~L/8 (16-bit types: L/4) memory
+ *     round trips per chunk (a very common token in a huge batch is the slow case; the order is the
+ *     contract).
  * Workspace (bytes, 16-aligned pieces): keys and values twice (ping-pong) 4 · 4 · tokens, plus the
  * histogram 4 · 256 · ⌈tokens/256⌉: ≈ 20 · tokens bytes (0 when tokens = 0).
  *
@@ -216,7 +218,6 @@ __global__ void __launch_bounds__(kEmbTile)
 
 /* ------------------------------------------------------------------------------------------------
  * Backward: per (vocab row, 32·VEC-column chunk) sums in sorted order. */
-constexpr int kEmbUnroll = 8;  // token rows loaded ahead of the (in-order) adds
 
 template <class T, int VEC>
 __global__ void __launch_bounds__(kEmbThreads)
@@ -224,6 +225,7 @@ __global__ void __launch_bounds__(kEmbThreads)
                           const T* __restrict__ d_out, T* __restrict__ d_table, int32_t vocab, int32_t dim,
                           int32_t tokens) {
   using P = EmbPack<T, VEC>;
+  constexpr int kEmbUnroll = VEC >= 8 ? 4 : 8;  // token rows loaded ahead of the (in-order) adds: 64 B
   const int lane = static_cast<int>(threadIdx.x & 31);
   const int groups = dim / VEC;
   const int chunks = (groups + 31) / 32;

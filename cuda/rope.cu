@@ -6,19 +6,20 @@
  *   (a, b) = (x[t, h·hd + i], x[t, h·hd + i + half])
  *   angle  = f32(p) · inv_freq[i]     (an f32 product), inv_freq[i] = f32(pow(theta, −2i/hd)) in double
  *   forward (a, b) → (a·cos − b·sin, b·cos + a·sin); backward: sin → −sin (the transposed rotation).
- * sincosf is the accurate one (no fast-math intrinsics): large positions keep their accuracy. A negative
+ * sin/cos come from rope_sincos below (double-precision reduction and polynomials, ~correctly rounded to
+ * f32, no local memory): large positions keep their accuracy. A negative
  * position skips the token (row untouched) and ORs LK_FAULT_INDEX into *fault (one atomicOr per token).
  *
  * Layout: x [tokens, n_heads·hd] packed row-major, one dtype (f32, f16, bf16), f32 arithmetic.
  * Work split: one thread per (token, group of VEC consecutive pair indices i); it computes VEC inv_freq
- * (double pow) and sincos once and reuses them for every head, loading the VEC a's and VEC b's of each
+ * (double pow) and sin/cos once and reuses them for every head, loading the VEC a's and VEC b's of each
  * head as one 16-byte access each (VEC = 16 / sizeof(T)) when half % VEC == 0 and x is 16-byte aligned
  * (then every row, head and half offset is a multiple of 16 bytes); otherwise VEC = 1. Consecutive
  * threads take consecutive i-groups of one token: coalesced. Grid-stride, 256-thread blocks, grid from
  * tokens · ⌈half / VEC⌉ only. A token whose half is 0 still gets one item (the fault check).
  *
  * Napkin (H200 ~4.8 TB/s): memory-bound, 2 · tokens · n_heads · hd · sizeof(T) bytes (read + write).
- * Llama-3-8B q at 8192 tokens (32 × 128, bf16): 128 MiB → ~28 µs. Per item VEC double pows + VEC sincosf
+ * Llama-3-8B q at 8192 tokens (32 × 128, bf16): 128 MiB → ~28 µs. Per item VEC double pows + VEC double sin/cos
  * amortised over n_heads heads (e.g. 32): ~10 flops per element, far under the balance point.
  */
 #include "portable.cuh"
@@ -36,6 +37,48 @@ template <class T>
 struct RopePack<T, 1> {
   T v[1];
 };
+
+/* sin and cos of an f32 angle (|angle| < 2^32), accurate to ~1e-16 before the rounding to f32 — i.e.
+ * correctly rounded but for ties within 1e-16 — with no local memory (CUDA's sincosf keeps a
+ * Payne–Hanek slow path in local memory for |x| > 105615, which the zero-stack gate forbids) and the
+ * same operations on both backends:
+ *   k = rint(a·2/π); r = a − k·π/2 with π/2 = P1 + P2 + P3 (30 + 30 + 53 bits) and fma: a − k·P1 is exact
+ *   (a multiple of 2^-29 below 4 in magnitude), the other two steps err by ≤ 2^-54; then Taylor
+ *   polynomials to r^19 / r^20 on |r| ≤ π/4 + ε (truncation < 1e-17) and the quadrant k mod 4. */
+__device__ __forceinline__ void rope_sincos(float angle, float* s_out, float* c_out) {
+  const double a = static_cast<double>(angle);
+  const double k = rint(a * 0x1.45f306dc9c883p-1);  // 2/π
+  double r = fma(-k, 0x1.921fb548p+0, a);
+  r = fma(-k, -0x1.de973dc8p-31, r);
+  r = fma(-k, -0x1.9d9cceba3f91fp-62, r);
+  const double r2 = r * r;
+  double sp = -1.0 / 121645100408832000.0;  // −1/19!
+  sp = sp * r2 + 1.0 / 355687428096000.0;
+  sp = sp * r2 - 1.0 / 1307674368000.0;
+  sp = sp * r2 + 1.0 / 6227020800.0;
+  sp = sp * r2 - 1.0 / 39916800.0;
+  sp = sp * r2 + 1.0 / 362880.0;
+  sp = sp * r2 - 1.0 / 5040.0;
+  sp = sp * r2 + 1.0 / 120.0;
+  sp = sp * r2 - 1.0 / 6.0;
+  const double sn = r + r * r2 * sp;
+  double cp = 1.0 / 2432902008176640000.0;  // 1/20!
+  cp = cp * r2 - 1.0 / 6402373705728000.0;
+  cp = cp * r2 + 1.0 / 20922789888000.0;
+  cp = cp * r2 - 1.0 / 87178291200.0;
+  cp = cp * r2 + 1.0 / 479001600.0;
+  cp = cp * r2 - 1.0 / 3628800.0;
+  cp = cp * r2 + 1.0 / 40320.0;
+  cp = cp * r2 - 1.0 / 720.0;
+  cp = cp * r2 + 1.0 / 24.0;
+  cp = cp * r2 - 0.5;
+  const double cs = 1.0 + r2 * cp;
+  const int q = static_cast<int>(static_cast<long long>(k) & 3);
+  const double s = q == 0 ? sn : q == 1 ? cs : q == 2 ? -sn : -cs;
+  const double c = q == 0 ? cs : q == 1 ? -sn : q == 2 ? -cs : sn;
+  *s_out = static_cast<float>(s);
+  *c_out = static_cast<float>(c);
+}
 
 template <class T, int VEC, bool kBackward>
 __global__ void __launch_bounds__(kRopeThreads)
@@ -64,7 +107,7 @@ __global__ void __launch_bounds__(kRopeThreads)
           static_cast<float>(pow(static_cast<double>(theta), -static_cast<double>(2 * i) / static_cast<double>(head_dim)));
       const float angle = static_cast<float>(pos) * inv_freq;
       float s, c;
-      sincosf(angle, &s, &c);
+      rope_sincos(angle, &s, &c);
       cs[k] = c;
       sn[k] = kBackward ? -s : s;
     }
