@@ -11,10 +11,11 @@
 //! A negative position skips the token (its row untouched) and ORs
 //! [`crate::adapter::fault::INDEX`] into `fault[0]`.
 //!
-//! Precision: the kernels take sin/cos of the f32 angle in f32 (IEEE-accurate `sincosf`, not the
-//! fast intrinsics, so large positions stay accurate) and rotate in f32; the cpu [`reference`] takes
-//! sin/cos of the same f32 angle in f64. So both rotate by the same angle and differ only by
-//! rounding: `|Δ| ≤ ~4 · 2⁻²⁴ · (|a| + |b|)` plus the final rounding to T.
+//! Precision: the kernels take sin/cos of the f32 angle with a double-precision reduction and
+//! polynomials (≈ correctly rounded to f32; no fast intrinsics, and large positions stay accurate)
+//! and rotate in f32; the cpu [`reference`] takes sin/cos of the same f32 angle in f64. So both
+//! rotate by the same angle and differ only by rounding: `|Δ| ≤ ~4 · 2⁻²⁴ · (|a| + |b|)` plus the
+//! final rounding to T.
 
 use crate::backend::Backend;
 use crate::dtype::{DType, Float};
