@@ -29,7 +29,8 @@
  *   registers. Three configurations, picked on the host from (m, n) only:
  *     L: 128 × 128, 8 warps of 64 × 32, 4 stages (80 KiB dynamic smem, 2 blocks/SM)
  *     M:  64 ×  64, 4 warps of 32 × 32, 4 stages (40 KiB)
- *     S:  32 ×  32, 4 warps of 16 × 16, 4 stages (20 KiB)
+ *     S:  32 ×  32, 4 warps of 16 × 16, 8 stages (40 KiB: deeper, since few blocks must keep
+ *         enough bytes in flight — decode reads B at ~7 × 2 KiB per block ahead)
  *   the largest whose tile count fills one wave of the H200 (132 SMs), else S: small or skinny
  *   shapes (decode m = 1, LoRA-sized n) still spread over the GPU.
  * f32: CUDA-core FMA (tensor-core f32 would be TF32). Block tile BM × BN, K staged BK at a time,
@@ -55,12 +56,15 @@
  * the f32 epilogue roundings and one rounding to T. f32: one fmaf chain, γ_k as well.
  *
  * Napkin math (H200: ~990 TFLOP/s dense f16 on wgmma, mma.sync reaches roughly two thirds of it;
- * 4.8 TB/s HBM3e; 132 SMs). 4096³ f16: 137 GFLOP → ~0.2 ms at 650 TFLOP/s; config L reads each A
- * tile row once per tile column (32 × 32 tiles: A and B each read 32× from L2 = 2 GiB of L2 traffic,
- * ~10 TB/s available) and 32 MiB from HBM: compute-bound. Per block and k32 stage: 16 KiB of smem
- * fills, 8 warps × 2 k16 × (4 + 2 ldmatrix.x4, 16 mma). Decode (m = 1, n = 4096, k = 4096): reading B
- * (32 MiB) dominates, ~7 µs at HBM speed; config S gives 128 blocks (only 1/32 of each mma is used,
- * irrelevant when memory-bound). f32 4096³ on FMA: ~67 TFLOP/s peak → ~2 ms at 80 %.
+ * 4.8 TB/s HBM3e; 132 SMs at ~1.98 GHz). 4096³ f16: 137 GFLOP → ~0.2 ms at 650 TFLOP/s. Config L:
+ * per k a block loads (128 + 128) × 2 B for 128 × 128 × 2 flop (64 flop/B), so 1024 blocks pull
+ * 2 GiB from L2 (~10 TB/s at that rate, ~40 B/clk per SM of the ~64 the L2 → SM path gives) and
+ * 64 MiB from HBM: compute-bound with L2 the next limit (Hopper's cuBLAS uses 128 × 256 tiles,
+ * TMA multicast and wgmma; that is the gap to close after measuring). Per block and k32 stage:
+ * 16 KiB of smem fills, 8 warps × 2 k16 × (4 + 2 ldmatrix.x4, 16 mma). Decode (m = 1, n = 4096,
+ * k = 4096): reading B (32 MiB) dominates, ~7 µs at HBM speed; config S gives 128 blocks with
+ * 7 × 2 KiB of B in flight each (~1.8 MiB: at ~1 µs latency ~1.8 TB/s, ~18 µs; only 1/32 of each
+ * mma is used, irrelevant when memory-bound). f32 4096³ on FMA: ~67 TFLOP/s peak → ~2.5 ms at 80 %.
  */
 #include <string.h>
 
@@ -135,7 +139,7 @@ struct TcCfg {
 };
 using TcL = TcCfg<128, 128, 64, 32, 4, 2>;
 using TcM = TcCfg<64, 64, 32, 32, 4, 4>;
-using TcS = TcCfg<32, 32, 16, 16, 4, 4>;
+using TcS = TcCfg<32, 32, 16, 16, 8, 4>;
 
 /* Shared-memory geometry of one operand tile: rows × cols (cols contiguous), row stride ld. */
 template <int ROWS, int COLS>
