@@ -564,7 +564,8 @@ size_t lk_emu_norm_rmsnorm_backward_workspace_size(const LkRmsNormBackwardParams
  *   backward: d_table[v, :] = sum over t with ids[t] = v of d_out[t, :], summed in ascending t in f32
  *             (deterministic: a stable device radix sort of the ids into the workspace, then one
  *             pass per vocab row); rows no token uses become 0. Workspace:
- *             lk_<backend>_embedding_backward_workspace_size(p) bytes, 16-byte aligned. */
+ *             lk_<backend>_embedding_backward_workspace_size(p) bytes (about 20·tokens), 4-byte
+ *             aligned; 0 (null allowed) when tokens = 0. */
 typedef struct LkEmbeddingForwardParams {
   const int32_t* ids;
   const void* table;
