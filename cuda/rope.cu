@@ -4,7 +4,9 @@
  *
  * For token t (position p = positions[t] ≥ 0), head h and pair index i < half = head_dim / 2:
  *   (a, b) = (x[t, h·hd + i], x[t, h·hd + i + half])
- *   angle  = f32(p) · inv_freq[i]     (an f32 product), inv_freq[i] = f32(pow(theta, −2i/hd)) in double
+ *   angle  = f32(p) · inv_freq[i]     (an f32 product), inv_freq[i] = f32(exp(−2i · c)) in double with
+ *            c = log(theta) / hd computed on the host in double (the kernel has no pow or division: CUDA's
+ *            double pow is an out-of-line call with spills on sm_80, which the zero-spill gate forbids)
  *   forward (a, b) → (a·cos − b·sin, b·cos + a·sin); backward: sin → −sin (the transposed rotation).
  * sin/cos come from rope_sincos below (double-precision reduction and polynomials, ~correctly rounded to
  * f32, no local memory): large positions keep their accuracy. A negative
@@ -12,14 +14,14 @@
  *
  * Layout: x [tokens, n_heads·hd] packed row-major, one dtype (f32, f16, bf16), f32 arithmetic.
  * Work split: one thread per (token, group of VEC consecutive pair indices i); it computes VEC inv_freq
- * (double pow) and sin/cos once and reuses them for every head, loading the VEC a's and VEC b's of each
+ * (double exp) and sin/cos once and reuses them for every head, loading the VEC a's and VEC b's of each
  * head as one 16-byte access each (VEC = 16 / sizeof(T)) when half % VEC == 0 and x is 16-byte aligned
  * (then every row, head and half offset is a multiple of 16 bytes); otherwise VEC = 1. Consecutive
  * threads take consecutive i-groups of one token: coalesced. Grid-stride, 256-thread blocks, grid from
  * tokens · ⌈half / VEC⌉ only. A token whose half is 0 still gets one item (the fault check).
  *
  * Napkin (H200 ~4.8 TB/s): memory-bound, 2 · tokens · n_heads · hd · sizeof(T) bytes (read + write).
- * Llama-3-8B q at 8192 tokens (32 × 128, bf16): 128 MiB → ~28 µs. Per item VEC double pows + VEC double sin/cos
+ * Llama-3-8B q at 8192 tokens (32 × 128, bf16): 128 MiB → ~28 µs. Per item VEC double exps + VEC double sin/cos
  * amortised over n_heads heads (e.g. 32): ~10 flops per element, far under the balance point.
  */
 #include "portable.cuh"
@@ -83,7 +85,7 @@ __device__ __forceinline__ void rope_sincos(float angle, float* s_out, float* c_
 template <class T, int VEC, bool kBackward>
 __global__ void __launch_bounds__(kRopeThreads)
     rope_kernel(const int32_t* __restrict__ positions, T* __restrict__ x, uint32_t* __restrict__ fault,
-                int32_t tokens, int32_t n_heads, int32_t head_dim, float theta) {
+                int32_t tokens, int32_t n_heads, int32_t head_dim, double log_theta_over_hd) {
   using P = RopePack<T, VEC>;
   const int half = head_dim / 2;
   const int groups = half / VEC > 0 ? half / VEC : 1;  // ≥ 1 item per token: the fault check
@@ -103,8 +105,7 @@ __global__ void __launch_bounds__(kRopeThreads)
 #pragma unroll
     for (int k = 0; k < VEC; ++k) {
       const int i = i0 + k;
-      const float inv_freq =
-          static_cast<float>(pow(static_cast<double>(theta), -static_cast<double>(2 * i) / static_cast<double>(head_dim)));
+      const float inv_freq = static_cast<float>(exp(-static_cast<double>(2 * i) * log_theta_over_hd));
       const float angle = static_cast<float>(pos) * inv_freq;
       float s, c;
       rope_sincos(angle, &s, &c);
@@ -138,7 +139,8 @@ int launch_rope(const LkRopeParams& p, void* stream) {
   int64_t blocks = (items + kRopeThreads - 1) / kRopeThreads;
   if (blocks > kRopeMaxBlocks) blocks = kRopeMaxBlocks;
   return launch(rope_kernel<T, VEC, kBackward>, dim3(static_cast<unsigned>(blocks)), dim3(kRopeThreads), 0, stream,
-                p.positions, static_cast<T*>(p.x), p.fault, p.tokens, p.n_heads, p.head_dim, p.theta);
+                p.positions, static_cast<T*>(p.x), p.fault, p.tokens, p.n_heads, p.head_dim,
+                log(static_cast<double>(p.theta)) / static_cast<double>(p.head_dim));
 }
 
 template <class T, bool kBackward>

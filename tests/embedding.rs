@@ -265,7 +265,7 @@ fn multi_pass_sorts() {
 }
 
 proptest! {
-    #![proptest_config(proptest_config(24))]
+    #![proptest_config(proptest_config(64))]
 
     #[test]
     fn emu_matches_cpu_proptest(vocab in 1usize..60, dim in prop_oneof![1usize..10, 1usize..100], tokens in 1usize..400, seed in any::<u64>(), dtype in 0..3) {

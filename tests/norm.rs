@@ -264,7 +264,7 @@ fn large_dims_take_the_big_shared_and_global_accumulators() {
 }
 
 proptest! {
-    #![proptest_config(proptest_config(24))]
+    #![proptest_config(proptest_config(64))]
 
     #[test]
     fn emu_matches_cpu_proptest(rows in 1usize..40, dim in prop_oneof![1usize..40, 1usize..1200], eps in prop_oneof![Just(1e-6f32), 0.0f32..1.0], seed in any::<u64>(), dtype in 0..3) {

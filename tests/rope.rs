@@ -103,11 +103,11 @@ fn positions(r: &mut rand::rngs::StdRng, tokens: usize, with_bad: bool) -> Vec<i
         .collect()
 }
 
-/// Tolerance (derived): both sides rotate by the same f32 angle (inv_freq from the same double pow,
-/// the same f32 product). The kernel's sin/cos are within ~½ f32 ulp (≤ 2⁻²⁴ absolute, |sin|,|cos| ≤
-/// 1) and the rotation a·c − b·s adds ≤ 3 roundings of magnitude ≤ |a| + |b|: |Δ| ≤ 4·2⁻²⁴·(|a| + |b|)
-/// (8 used, margin for the GPU's double pow). Both outputs are rounded to T: + u_T·(|emu| + |cpu|) + 2·tiny_T. Rows with a negative
-/// position are untouched: bit for bit.
+/// Tolerance (derived): both sides rotate by the same f32 angle (inv_freq from the same f64 exp, the
+/// same f32 product). The kernel's sin/cos are within ~½ f32 ulp (≤ 2⁻²⁴ absolute, since |sin| and
+/// |cos| are at most 1) and the rotation a·c − b·s adds ≤ 3 roundings of magnitude ≤ |a| + |b|:
+/// |Δ| ≤ 4·2⁻²⁴·(|a| + |b|), 8 used (margin for the GPU's exp). Both outputs are rounded to T:
+/// + u_T·(|emu| + |cpu|) + 2·tiny_T. Rows with a negative position are untouched: bit for bit.
 fn check<T: Float>(s: Rope, seed: u64, backward: bool) {
     let mut r = rng(seed);
     let pos = positions(&mut r, s.tokens, true);
@@ -173,7 +173,7 @@ fn emu_matches_cpu_at_odd_sizes() {
 }
 
 proptest! {
-    #![proptest_config(proptest_config(24))]
+    #![proptest_config(proptest_config(64))]
 
     #[test]
     fn emu_matches_cpu_proptest(
