@@ -820,9 +820,9 @@ fn decode_bad_ranges_skipped_and_flagged() {
 }
 
 #[test]
-fn decode_is_batch_invariant() {
+fn decode_is_batch_invariant_and_deterministic() {
     // A sequence's bits do not depend on max_kv_len (one split written directly vs the combine over
-    // partials) nor on the other sequences.
+    // partials) nor on the other sequences, nor on the emulator's thread schedule.
     let a = Attention::new(4, 1, 32);
     let mut r = rng(530);
     let rows = 600;
@@ -846,6 +846,11 @@ fn decode_is_batch_invariant() {
     let (o1, _) = run_decode(&Emu, &small, &q[..a.q_dim()], &kc, &vc);
     let (o2, _) = run_decode(&Emu, &big, &q, &kc, &vc);
     assert_eq!(bits(&o1), bits(&o2[..a.q_dim()]));
+    // And under other thread schedules (fixed-order reductions only).
+    for sched in [Schedule::Reverse, Schedule::Random(11)] {
+        let (o3, _) = Emu::with_schedule(sched, || run_decode(&Emu, &big, &q, &kc, &vc));
+        assert_eq!(bits(&o2), bits(&o3), "{sched:?}");
+    }
 }
 
 #[test]
