@@ -684,7 +684,6 @@ impl<'m, B: Backend + 'static> Engine<'m, B> {
             .iter()
             .map(|r| r.adapter.map_or(-1, |a| a as i32))
             .collect();
-        let seq_adapter = b.upload(&seq_adapter)?;
         let starts_kv: Vec<i32> = (0..n).map(|s| (s * capacity) as i32).collect();
         let kv_start = b.upload(&starts_kv)?;
         for i in 1..max_new {
@@ -699,7 +698,7 @@ impl<'m, B: Backend + 'static> Engine<'m, B> {
                 tokens: n,
                 positions: b.upload(&pos)?,
                 slots: b.upload(&slots)?,
-                adapter_ids: b.upload(&b.download(&seq_adapter)?)?,
+                adapter_ids: b.upload(&seq_adapter)?,
                 kind: StepKind::Decode {
                     kv_start: &kv_start,
                     kv_len: b.upload(&kv_len)?,
