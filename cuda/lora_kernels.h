@@ -645,7 +645,8 @@ size_t lk_emu_attention_decode_workspace_size(const LkAttentionDecodeParams* p);
  *   backward: c[r] = sum_j dy·w·x; dx = rstd·w·dy − (rstd^3/dim)·x·c; dw[j] = sum_r dy·x·rstd
  *             (fixed split over rows into workspace partials, summed in piece order: deterministic).
  * One dtype for x, w, y, dy, dx, dw (LkDtype); f32 arithmetic. eps finite and >= 0. The backward's
- * workspace: lk_<backend>_norm_rmsnorm_backward_workspace_size(p) bytes (may be 0: then null is fine). */
+ * workspace: lk_<backend>_norm_rmsnorm_backward_workspace_size(p) bytes, 4-byte aligned (may be 0: then
+ * null is fine). */
 typedef struct LkRmsNormForwardParams {
   const void* x;
   const void* w;
