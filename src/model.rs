@@ -29,7 +29,7 @@ use crate::embedding;
 use crate::error::{Error, Result};
 use crate::gemm::{gemm, Gemm};
 use crate::loss;
-use crate::merge::{self, Lora, MergeShape};
+use crate::merge::{self, Lora, MergeFloat, MergeShape};
 use crate::norm::{self, RmsNorm};
 use crate::peft::{HostTensor, LoraModule, ModuleSelector, PeftAdapter, PeftConfig};
 use crate::registry::{AdapterRegistry, LayerSpec};
@@ -409,6 +409,30 @@ impl<B: Backend, T: Float> TinyLm<B, T> {
         tape.cross_entropy(logits, &batch.targets)
     }
 
+    /// The base model with its weights converted to `U` (nearest even), e.g. to serve an f32-trained
+    /// model in bf16 on tensor cores. An attached adapter is not copied.
+    pub fn to_dtype<U: Float>(&self, b: &B) -> Result<TinyLm<B, U>> {
+        let mut params = Params::new();
+        for p in self.params.iter().take(self.base_len) {
+            let v: Vec<U> = b
+                .download(&p.value)?
+                .iter()
+                .map(|x| U::from_f64(x.to_f64()))
+                .collect();
+            params.add(b, p.name.clone(), p.rows, p.cols, &v, p.trainable)?;
+        }
+        Ok(TinyLm {
+            cfg: self.cfg,
+            params,
+            embed: self.embed,
+            layers: self.layers.clone(),
+            final_norm: self.final_norm,
+            lm_head: self.lm_head,
+            base_len: self.base_len,
+            adapter: None,
+        })
+    }
+
     /// Writes every parameter, the AdamW moments and the step count (safetensors, f64: exact for
     /// every element type), so that training resumes bit for bit.
     pub fn save_checkpoint(&self, b: &B, path: &std::path::Path) -> Result<()> {
@@ -547,51 +571,30 @@ pub struct Generation {
     pub processed: usize,
 }
 
-/// Serves a [`TinyLm`] with weights in f32: SGMV prefill, BGMV decode, KV cache, greedy.
-pub struct Engine<'m, B: Backend + 'static> {
-    model: &'m TinyLm<B, f32>,
+/// Serves a [`TinyLm`] whose weights and activations are `T` (f32 by default; f16/bf16 run the GEMMs
+/// and SGMV on tensor cores): SGMV prefill, BGMV decode, KV cache, greedy.
+pub struct Engine<'m, B: Backend + 'static, T: Float = f32> {
+    model: &'m TinyLm<B, T>,
     /// Weights used instead of the model's for some projections (merged adapters): key
     /// `layer * 7 + projection`.
-    overrides: Vec<Option<B::Buffer<f32>>>,
+    overrides: Vec<Option<B::Buffer<T>>>,
 }
 
 /// Per-layer KV cache: rows `[seq * capacity + position]`.
-struct KvCache<B: Backend> {
-    k: Vec<B::Buffer<f32>>,
-    v: Vec<B::Buffer<f32>>,
+struct KvCache<B: Backend, T: Float> {
+    k: Vec<B::Buffer<T>>,
+    v: Vec<B::Buffer<T>>,
 }
 
-impl<'m, B: Backend + 'static> Engine<'m, B> {
-    pub fn new(model: &'m TinyLm<B, f32>) -> Self {
+impl<'m, B: Backend + 'static, T: Float> Engine<'m, B, T> {
+    pub fn new(model: &'m TinyLm<B, T>) -> Self {
         Engine {
             model,
             overrides: (0..model.cfg.n_layers * 7).map(|_| None).collect(),
         }
     }
 
-    /// An engine whose base weights have `adapter` merged in (in place, on copies) with the merge
-    /// kernel: serving it without LoRA must match serving the adapter unmerged.
-    pub fn merged(b: &B, model: &'m TinyLm<B, f32>, adapter: &PeftAdapter) -> Result<Self> {
-        let mut e = Engine::new(model);
-        for l in 0..model.cfg.n_layers {
-            for m in 0..7 {
-                let Some(module) = adapter.module(&module_name(l, m)) else {
-                    continue;
-                };
-                let (d_out, d_in) = model.cfg.projection_shape(m);
-                let mut w =
-                    b.upload(&b.download(&model.params.get(model.layers[l].proj[m]).value)?)?;
-                let a = b.upload(&module.a.to_f32())?;
-                let bm = b.upload(&module.b.to_f32())?;
-                let lora = Lora::packed(&a, &bm, module.rank, d_in, module.scale_f32());
-                merge::merge(b, &mut w, &MergeShape::new(d_out, d_in), &lora)?;
-                e.overrides[l * 7 + m] = Some(w);
-            }
-        }
-        Ok(e)
-    }
-
-    fn weight(&self, l: usize, m: usize) -> &B::Buffer<f32> {
+    fn weight(&self, l: usize, m: usize) -> &B::Buffer<T> {
         self.overrides[l * 7 + m]
             .as_ref()
             .unwrap_or(&self.model.params.get(self.model.layers[l].proj[m]).value)
@@ -601,7 +604,7 @@ impl<'m, B: Backend + 'static> Engine<'m, B> {
     pub fn generate(
         &self,
         b: &B,
-        registry: Option<&AdapterRegistry<B, f32>>,
+        registry: Option<&AdapterRegistry<B, T>>,
         requests: &[Request],
         max_new: usize,
     ) -> Result<Generation> {
@@ -673,7 +676,7 @@ impl<'m, B: Backend + 'static> Engine<'m, B> {
             },
         };
         let logits = self.run(b, registry, &step, &tokens, &mut cache, &mut fault)?;
-        let prefill_logits = b.download(&logits)?;
+        let prefill_logits: Vec<f32> = b.download(&logits)?.iter().map(|v| v.to_f32()).collect();
         let last_rows: Vec<usize> = starts[1..].iter().map(|&s| s as usize - 1).collect();
         let mut next = self.argmax(b, &logits, tokens.len(), &last_rows)?;
         let mut out: Vec<Vec<i32>> = next.iter().map(|&t| vec![t]).collect();
@@ -730,7 +733,7 @@ impl<'m, B: Backend + 'static> Engine<'m, B> {
     fn argmax(
         &self,
         b: &B,
-        logits: &B::Buffer<f32>,
+        logits: &B::Buffer<T>,
         rows: usize,
         pick: &[usize],
     ) -> Result<Vec<i32>> {
@@ -745,18 +748,18 @@ impl<'m, B: Backend + 'static> Engine<'m, B> {
     fn run(
         &self,
         b: &B,
-        registry: Option<&AdapterRegistry<B, f32>>,
+        registry: Option<&AdapterRegistry<B, T>>,
         step: &Step<'_, B>,
         ids: &[i32],
-        cache: &mut KvCache<B>,
+        cache: &mut KvCache<B, T>,
         fault: &mut B::Buffer<u32>,
-    ) -> Result<B::Buffer<f32>> {
+    ) -> Result<B::Buffer<T>> {
         let cfg = &self.model.cfg;
         let p = &self.model.params;
         let t = step.tokens;
         let d = cfg.d_model;
         let ids_buf = b.upload(ids)?;
-        let mut x = b.alloc::<f32>(t * d)?;
+        let mut x = b.alloc::<T>(t * d)?;
         let embed = p.get(self.model.embed);
         embedding::embedding_forward(b, cfg.vocab, d, t, &ids_buf, &embed.value, &mut x, fault)?;
         // The adapters: one SGMV plan per prefill (shared by every layer), BGMV ids for decode.
@@ -764,7 +767,7 @@ impl<'m, B: Backend + 'static> Engine<'m, B> {
             None => None,
             Some(reg) => Some(LoraRouting::new(b, reg, step)?),
         };
-        let norm = |x: &B::Buffer<f32>, w: ParamId| -> Result<B::Buffer<f32>> {
+        let norm = |x: &B::Buffer<T>, w: ParamId| -> Result<B::Buffer<T>> {
             let mut y = b.alloc(t * d)?;
             let mut rstd = b.alloc(t)?;
             let s = RmsNorm {
@@ -775,7 +778,7 @@ impl<'m, B: Backend + 'static> Engine<'m, B> {
             norm::rmsnorm_forward(b, &s, x, &p.get(w).value, &mut y, &mut rstd)?;
             Ok(y)
         };
-        let lin = |l: usize, m: usize, h: &B::Buffer<f32>| -> Result<B::Buffer<f32>> {
+        let lin = |l: usize, m: usize, h: &B::Buffer<T>| -> Result<B::Buffer<T>> {
             let (d_out, d_in) = cfg.projection_shape(m);
             let mut y = b.alloc(t * d_out)?;
             gemm(b, h, self.weight(l, m), &mut y, &Gemm::nt(t, d_out, d_in))?;
@@ -816,7 +819,7 @@ impl<'m, B: Backend + 'static> Engine<'m, B> {
             )?;
             attention::kv_cache_write(b, cfg.kv_dim(), t, &k, &step.slots, &mut cache.k[l], fault)?;
             attention::kv_cache_write(b, cfg.kv_dim(), t, &v, &step.slots, &mut cache.v[l], fault)?;
-            let mut a = b.alloc::<f32>(t * d)?;
+            let mut a = b.alloc::<T>(t * d)?;
             match &step.kind {
                 StepKind::Prefill {
                     seq_starts,
@@ -875,13 +878,13 @@ impl<'m, B: Backend + 'static> Engine<'m, B> {
             let h = norm(&x, ids.mlp_norm)?;
             let g = lin(l, GATE, &h)?;
             let u = lin(l, UP, &h)?;
-            let mut s = b.alloc::<f32>(t * cfg.d_ff)?;
+            let mut s = b.alloc::<T>(t * cfg.d_ff)?;
             elementwise::swiglu_forward(b, &g, &u, &mut s)?;
             let dn = lin(l, DOWN, &s)?;
             elementwise::add_assign(b, &mut x, &dn)?;
         }
         let h = norm(&x, self.model.final_norm)?;
-        let mut logits = b.alloc::<f32>(t * cfg.vocab)?;
+        let mut logits = b.alloc::<T>(t * cfg.vocab)?;
         gemm(
             b,
             &h,
@@ -890,6 +893,30 @@ impl<'m, B: Backend + 'static> Engine<'m, B> {
             &Gemm::nt(t, cfg.vocab, d),
         )?;
         Ok(logits)
+    }
+}
+
+impl<'m, B: Backend + 'static, T: MergeFloat> Engine<'m, B, T> {
+    /// An engine whose base weights have `adapter` merged in (in place, on copies) with the merge
+    /// kernel: serving it without LoRA must match serving the adapter unmerged.
+    pub fn merged(b: &B, model: &'m TinyLm<B, T>, adapter: &PeftAdapter) -> Result<Self> {
+        let mut e = Engine::new(model);
+        for l in 0..model.cfg.n_layers {
+            for m in 0..7 {
+                let Some(module) = adapter.module(&module_name(l, m)) else {
+                    continue;
+                };
+                let (d_out, d_in) = model.cfg.projection_shape(m);
+                let mut w =
+                    b.upload(&b.download(&model.params.get(model.layers[l].proj[m]).value)?)?;
+                let a = b.upload(&module.a.to_f32())?;
+                let bm = b.upload(&module.b.to_f32())?;
+                let lora = Lora::packed(&a, &bm, module.rank, d_in, module.scale_f32());
+                merge::merge(b, &mut w, &MergeShape::new(d_out, d_in), &lora)?;
+                e.overrides[l * 7 + m] = Some(w);
+            }
+        }
+        Ok(e)
     }
 }
 
@@ -916,14 +943,14 @@ struct Step<'c, B: Backend> {
 }
 
 /// How a step's tokens reach their adapters: an SGMV plan (prefill) or BGMV ids (decode).
-struct LoraRouting<'r, 'c, B: Backend + 'static> {
-    registry: &'r AdapterRegistry<B, f32>,
+struct LoraRouting<'r, 'c, B: Backend + 'static, T: Float> {
+    registry: &'r AdapterRegistry<B, T>,
     step: &'c Step<'c, B>,
     plan: Option<SgmvPlan<B>>,
 }
 
-impl<'r, 'c, B: Backend + 'static> LoraRouting<'r, 'c, B> {
-    fn new(b: &B, registry: &'r AdapterRegistry<B, f32>, step: &'c Step<'c, B>) -> Result<Self> {
+impl<'r, 'c, B: Backend + 'static, T: Float> LoraRouting<'r, 'c, B, T> {
+    fn new(b: &B, registry: &'r AdapterRegistry<B, T>, step: &'c Step<'c, B>) -> Result<Self> {
         let plan = match step.kind {
             StepKind::Decode { .. } => None,
             StepKind::Prefill { .. } => {
@@ -943,7 +970,7 @@ impl<'r, 'c, B: Backend + 'static> LoraRouting<'r, 'c, B> {
     }
 
     /// `y += s·(h·Aᵀ)·Bᵀ` of each token's adapter in registry layer `layer`.
-    fn apply(&self, b: &B, layer: usize, h: &B::Buffer<f32>, y: &mut B::Buffer<f32>) -> Result<()> {
+    fn apply(&self, b: &B, layer: usize, h: &B::Buffer<T>, y: &mut B::Buffer<T>) -> Result<()> {
         let table = self.registry.table(layer);
         let t = self.step.tokens;
         let mut u = b.alloc::<f32>(table.n_slices() * t * table.r_cap().max(1))?;
@@ -951,10 +978,10 @@ impl<'r, 'c, B: Backend + 'static> LoraRouting<'r, 'c, B> {
         match &self.plan {
             Some(plan) => {
                 let sgmv = Sgmv::new(table, plan);
-                let mut ws = b.alloc::<u8>(sgmv.shrink_workspace_bytes::<f32>(b, d_in))?;
+                let mut ws = b.alloc::<u8>(sgmv.shrink_workspace_bytes::<T>(b, d_in))?;
                 sgmv.shrink(b, h, d_in, &mut u, &mut ws, None)?;
                 let mut ws =
-                    b.alloc::<u8>(sgmv.expand_workspace_bytes::<f32>(b, d_out, ExpandMode::Add))?;
+                    b.alloc::<u8>(sgmv.expand_workspace_bytes::<T>(b, d_out, ExpandMode::Add))?;
                 sgmv.expand(b, &u, y, d_out, ExpandMode::Add, &mut ws, None)
             }
             None => {
