@@ -375,11 +375,7 @@ pub fn attention_backward<B: Backend, T: Float>(
             b.raw_ptr(d_out),
         ],
         [b.raw_ptr_mut(dq), b.raw_ptr_mut(dk), b.raw_ptr_mut(dv)],
-        if need == 0 {
-            std::ptr::null_mut()
-        } else {
-            b.raw_ptr_mut(workspace)
-        },
+        ffi::workspace_ptr(b, workspace, need),
         b.raw_ptr(batch.seq_starts),
         b.raw_ptr_mut(fault),
         T::DTYPE,
@@ -556,11 +552,7 @@ pub fn attention_decode<B: Backend, T: Float>(
     p.kv_start = b.raw_ptr(kv_start).cast();
     p.kv_len = b.raw_ptr(kv_len).cast();
     p.out = b.raw_ptr_mut(out);
-    p.workspace = if need == 0 {
-        std::ptr::null_mut()
-    } else {
-        b.raw_ptr_mut(workspace)
-    };
+    p.workspace = ffi::workspace_ptr(b, workspace, need);
     p.fault = b.raw_ptr_mut(fault).cast();
     let f = pick_launcher!(
         l,

@@ -152,11 +152,7 @@ pub fn embedding_backward<B: Backend, T: Float>(
     p.ids = b.raw_ptr(ids).cast();
     p.d_out = b.raw_ptr(d_out);
     p.d_table = b.raw_ptr_mut(d_table);
-    p.workspace = if need == 0 {
-        std::ptr::null_mut()
-    } else {
-        b.raw_ptr_mut(workspace)
-    };
+    p.workspace = crate::ffi::workspace_ptr(b, workspace, need);
     p.fault = b.raw_ptr_mut(fault).cast();
     p.dtype = T::DTYPE.ffi_tag().unwrap_or(-1);
     let f = pick_launcher!(

@@ -16,8 +16,6 @@
 //! (a function of `rows` only) into workspace partials summed in piece order. Same inputs → the
 //! same bits, under any emulator schedule and run to run on the GPU.
 
-use std::ffi::c_void;
-
 use crate::backend::Backend;
 use crate::dtype::{DType, Float};
 use crate::error::{Error, Result};
@@ -178,11 +176,7 @@ pub fn rmsnorm_backward<B: Backend, T: Float>(
     p.dy = b.raw_ptr(dy);
     p.dx = b.raw_ptr_mut(dx);
     p.dw = b.raw_ptr_mut(dw);
-    p.workspace = if need == 0 {
-        std::ptr::null_mut::<c_void>()
-    } else {
-        b.raw_ptr_mut(workspace)
-    };
+    p.workspace = crate::ffi::workspace_ptr(b, workspace, need);
     let f = pick_launcher!(
         launchers,
         sys::lk_emu_norm_rmsnorm_backward,
