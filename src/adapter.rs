@@ -12,6 +12,7 @@ use crate::backend::Backend;
 use crate::dtype::{DType, Float};
 use crate::error::{Error, Result};
 use crate::ffi::sys;
+use crate::validate::span;
 
 /// Output columns `[offset, offset + n)` of a layer's output belong to one slice (e.g. Llama-3's
 /// fused qkv projection: q 4096 at 0, k 1024 at 4096, v 1024 at 5120).
@@ -53,14 +54,6 @@ impl LoraWeights {
 const ENTRY_WORDS: usize = std::mem::size_of::<sys::LkAdapterEntry>() / 8;
 const _: () = assert!(std::mem::size_of::<sys::LkAdapterEntry>() == ENTRY_WORDS * 8);
 const _: () = assert!(std::mem::align_of::<sys::LkAdapterEntry>() == 8);
-
-/// Elements a row-major `[rows, cols]` matrix with row stride `ld` spans (None on overflow).
-pub(crate) fn span(rows: usize, cols: usize, ld: usize) -> Option<usize> {
-    if rows == 0 || cols == 0 {
-        return Some(0);
-    }
-    (rows - 1).checked_mul(ld)?.checked_add(cols)
-}
 
 fn empty_entry() -> sys::LkAdapterEntry {
     sys::LkAdapterEntry {

@@ -34,6 +34,7 @@ use crate::backend::Backend;
 use crate::dtype::{DType, Float};
 use crate::error::{Error, Result};
 use crate::ffi::{self, pick_launcher, sys};
+use crate::validate::{check_dtype, check_fault, check_len, check_workspace, elems_i64, fits_i32};
 
 /// Head dimensions the kernels are instantiated for.
 pub const HEAD_DIMS: [usize; 4] = [16, 32, 64, 128];
@@ -139,51 +140,6 @@ impl<B: Backend> AttentionBatch<'_, B> {
     }
 }
 
-fn fits_i32(arg: &'static str, v: usize) -> Result<()> {
-    if v > i32::MAX as usize {
-        Err(Error::invalid(arg, format!("≤ {}", i32::MAX), v))
-    } else {
-        Ok(())
-    }
-}
-
-fn check_len(arg: &'static str, have: usize, need: usize) -> Result<()> {
-    if have < need {
-        Err(Error::invalid(
-            arg,
-            format!("a buffer of ≥ {need} elements"),
-            have,
-        ))
-    } else {
-        Ok(())
-    }
-}
-
-/// `a · b`, or InvalidArgument when it does not fit i64.
-fn elems(arg: &'static str, a: usize, b: usize) -> Result<usize> {
-    match a.checked_mul(b) {
-        Some(n) if n <= i64::MAX as usize => Ok(n),
-        _ => Err(Error::invalid(
-            arg,
-            format!("a size that fits in i64 ({a} · {b})"),
-            "overflow",
-        )),
-    }
-}
-
-fn check_dtype<B: Backend>(b: &B, arg: &'static str, d: DType) -> Result<()> {
-    if b.supports(d) {
-        Ok(())
-    } else {
-        Err(Error::UnsupportedDtype {
-            arg,
-            backend: b.name(),
-            actual: d,
-            supported: "f32, f16, bf16 (f64 on the cpu backend only)".into(),
-        })
-    }
-}
-
 fn tag(d: DType) -> i32 {
     d.ffi_tag().unwrap_or(-1)
 }
@@ -218,9 +174,9 @@ fn validate_common<B: Backend, T: Float>(
     shape.validate()?;
     batch.validate(b)?;
     Ok((
-        elems("tokens", batch.tokens, shape.q_dim())?,
-        elems("tokens", batch.tokens, shape.kv_dim())?,
-        elems("tokens", batch.tokens, shape.n_heads)?,
+        elems_i64("tokens", batch.tokens, shape.q_dim())?,
+        elems_i64("tokens", batch.tokens, shape.kv_dim())?,
+        elems_i64("tokens", batch.tokens, shape.n_heads)?,
     ))
 }
 
@@ -246,7 +202,7 @@ pub fn attention_forward<B: Backend, T: Float>(
     check_len("v", b.len(v), nkv)?;
     check_len("out", b.len(out), nq)?;
     check_len("lse", b.len(lse), nl)?;
-    check_len("fault", b.len(fault), 1)?;
+    check_fault(b, fault)?;
     if batch.tokens == 0 || batch.n_seqs == 0 {
         return Ok(());
     }
@@ -385,14 +341,8 @@ pub fn attention_backward<B: Backend, T: Float>(
     check_len("dk", b.len(dk), nkv)?;
     check_len("dv", b.len(dv), nkv)?;
     let need = attention_backward_workspace_bytes(b, shape, batch);
-    if b.len(workspace) < need {
-        return Err(Error::invalid(
-            "workspace",
-            format!("≥ {need} bytes (attention_backward_workspace_bytes)"),
-            b.len(workspace),
-        ));
-    }
-    check_len("fault", b.len(fault), 1)?;
+    check_workspace(b.len(workspace), need, "attention_backward_workspace_bytes")?;
+    check_fault(b, fault)?;
     if batch.tokens == 0 || batch.n_seqs == 0 {
         return Ok(());
     }
@@ -425,11 +375,7 @@ pub fn attention_backward<B: Backend, T: Float>(
             b.raw_ptr(d_out),
         ],
         [b.raw_ptr_mut(dq), b.raw_ptr_mut(dk), b.raw_ptr_mut(dv)],
-        if need == 0 {
-            std::ptr::null_mut()
-        } else {
-            b.raw_ptr_mut(workspace)
-        },
+        ffi::workspace_ptr(b, workspace, need),
         b.raw_ptr(batch.seq_starts),
         b.raw_ptr_mut(fault),
         T::DTYPE,
@@ -462,9 +408,9 @@ pub fn kv_cache_write<B: Backend, T: Float>(
     }
     fits_i32("kv_dim", kv_dim)?;
     fits_i32("tokens", tokens)?;
-    check_len("rows", b.len(rows), elems("tokens", tokens, kv_dim)?)?;
+    check_len("rows", b.len(rows), elems_i64("tokens", tokens, kv_dim)?)?;
     check_len("slots", b.len(slots), tokens)?;
-    check_len("fault", b.len(fault), 1)?;
+    check_fault(b, fault)?;
     let cache_rows = b.len(cache) / kv_dim;
     if tokens == 0 {
         return Ok(());
@@ -571,7 +517,7 @@ pub fn attention_decode<B: Backend, T: Float>(
     shape.validate()?;
     fits_i32("n_seqs", n_seqs)?;
     fits_i32("max_kv_len", max_kv_len)?;
-    let nq = elems("n_seqs", n_seqs, shape.q_dim())?;
+    let nq = elems_i64("n_seqs", n_seqs, shape.q_dim())?;
     check_len("q", b.len(q), nq)?;
     let cache_rows = b.len(k_cache) / shape.kv_dim();
     check_len("v_cache", b.len(v_cache), cache_rows * shape.kv_dim())?;
@@ -579,14 +525,8 @@ pub fn attention_decode<B: Backend, T: Float>(
     check_len("kv_len", b.len(kv_len), n_seqs)?;
     check_len("out", b.len(out), nq)?;
     let need = attention_decode_workspace_bytes(b, shape, n_seqs, max_kv_len);
-    if b.len(workspace) < need {
-        return Err(Error::invalid(
-            "workspace",
-            format!("≥ {need} bytes (attention_decode_workspace_bytes)"),
-            b.len(workspace),
-        ));
-    }
-    check_len("fault", b.len(fault), 1)?;
+    check_workspace(b.len(workspace), need, "attention_decode_workspace_bytes")?;
+    check_fault(b, fault)?;
     if n_seqs == 0 {
         return Ok(());
     }
@@ -612,11 +552,7 @@ pub fn attention_decode<B: Backend, T: Float>(
     p.kv_start = b.raw_ptr(kv_start).cast();
     p.kv_len = b.raw_ptr(kv_len).cast();
     p.out = b.raw_ptr_mut(out);
-    p.workspace = if need == 0 {
-        std::ptr::null_mut()
-    } else {
-        b.raw_ptr_mut(workspace)
-    };
+    p.workspace = ffi::workspace_ptr(b, workspace, need);
     p.fault = b.raw_ptr_mut(fault).cast();
     let f = pick_launcher!(
         l,

@@ -36,13 +36,14 @@
 use std::ffi::c_void;
 use std::marker::PhantomData;
 
-use crate::adapter::{span, with_weight_type, AdapterTable};
+use crate::adapter::{with_weight_type, AdapterTable};
 use crate::backend::Backend;
 use crate::bgmv::{check_error_word, check_rows, ffi_slices};
 use crate::dtype::{DType, Float};
 use crate::error::{Error, Result};
 use crate::ffi::{self, pick_launcher, sys};
 use crate::sgmv::SgmvPlan;
+use crate::validate::{check_dtype, check_matrix_len, check_workspace, fits_i32, span};
 
 /// How dA and dB are written.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -65,26 +66,6 @@ impl GradMode {
 /// The forward's dropout of a layer (one Philox stream per slice): see [`crate::dropout::LayerDropout`].
 pub use crate::dropout::LayerDropout as Dropout;
 
-fn fits_i32(arg: &'static str, v: usize) -> Result<()> {
-    if v > i32::MAX as usize {
-        return Err(Error::invalid(arg, format!("≤ {}", i32::MAX), v));
-    }
-    Ok(())
-}
-
-fn check_len(arg: &'static str, have: usize, rows: usize, cols: usize, ld: usize) -> Result<()> {
-    let need =
-        span(rows, cols, ld).ok_or_else(|| Error::invalid(arg, "a size that fits", "overflow"))?;
-    if have < need {
-        return Err(Error::invalid(
-            arg,
-            format!("≥ {need} elements ({rows} rows of {cols}, stride {ld})"),
-            have,
-        ));
-    }
-    Ok(())
-}
-
 /// Checks an activation dtype (x, G, dx): the weights' dtype or f32, taken by the backend.
 fn check_act<B: Backend>(b: &B, arg: &'static str, act: DType, w: DType) -> Result<()> {
     if (act == w || act == DType::F32) && b.supports(act) {
@@ -95,18 +76,6 @@ fn check_act<B: Backend>(b: &B, arg: &'static str, act: DType, w: DType) -> Resu
         backend: b.name(),
         actual: act,
         supported: format!("{w} (the weights' dtype) or f32"),
-    })
-}
-
-fn check_weights<B: Backend>(b: &B, w: DType) -> Result<()> {
-    if b.supports(w) {
-        return Ok(());
-    }
-    Err(Error::UnsupportedDtype {
-        arg: "a",
-        backend: b.name(),
-        actual: w,
-        supported: "f32, f16, bf16 (f64 on the cpu backend only)".into(),
     })
 }
 
@@ -299,7 +268,7 @@ pub fn backward_dense<B: Backend, TX: Float, TG: Float, TW: Float, TD: Float>(
     workspace: &mut B::Buffer<u8>,
 ) -> Result<()> {
     let s = shape;
-    check_weights(b, TW::DTYPE)?;
+    check_dtype(b, "a", TW::DTYPE)?;
     check_act(b, "x", TX::DTYPE, TW::DTYPE)?;
     check_act(b, "g", TG::DTYPE, TW::DTYPE)?;
     if grads.dx.is_some() {
@@ -308,37 +277,31 @@ pub fn backward_dense<B: Backend, TX: Float, TG: Float, TW: Float, TD: Float>(
     s.validate_sizes()?;
     let work = s.rank > 0 && s.tokens > 0;
     let (t, r) = (s.tokens, s.rank);
-    check_len(
+    check_matrix_len(
         "x",
         b.len(inputs.x),
         if work { t } else { 0 },
         s.d_in,
         s.ld_x,
     )?;
-    check_len(
+    check_matrix_len(
         "g",
         b.len(inputs.g),
         if work { t } else { 0 },
         s.d_out,
         s.ld_g,
     )?;
-    check_len("u", b.len(inputs.u), if work { t } else { 0 }, r, s.ld_u)?;
-    check_len("a", b.len(inputs.a), r, s.d_in, s.lda)?;
-    check_len("b", b.len(inputs.b), s.d_out, r, s.ldb)?;
-    check_len("da", b.len(&*grads.da), r, s.d_in, s.ld_da)?;
-    check_len("db", b.len(&*grads.db), s.d_out, r, s.ld_db)?;
-    check_len("du", b.len(&*grads.du), t, r, s.ld_du)?;
+    check_matrix_len("u", b.len(inputs.u), if work { t } else { 0 }, r, s.ld_u)?;
+    check_matrix_len("a", b.len(inputs.a), r, s.d_in, s.lda)?;
+    check_matrix_len("b", b.len(inputs.b), s.d_out, r, s.ldb)?;
+    check_matrix_len("da", b.len(&*grads.da), r, s.d_in, s.ld_da)?;
+    check_matrix_len("db", b.len(&*grads.db), s.d_out, r, s.ld_db)?;
+    check_matrix_len("du", b.len(&*grads.du), t, r, s.ld_du)?;
     if let Some(dx) = &grads.dx {
-        check_len("dx", b.len(&**dx), t, s.d_in, s.ld_dx)?;
+        check_matrix_len("dx", b.len(&**dx), t, s.d_in, s.ld_dx)?;
     }
     let need = backward_dense_workspace_bytes(b, s);
-    if b.len(workspace) < need {
-        return Err(Error::invalid(
-            "workspace",
-            format!("≥ {need} bytes (backward_dense_workspace_bytes)"),
-            b.len(workspace),
-        ));
-    }
+    check_workspace(b.len(workspace), need, "backward_dense_workspace_bytes")?;
     if r == 0 || (t == 0 && s.mode == GradMode::Accumulate) {
         return Ok(());
     }
@@ -462,11 +425,11 @@ impl<'g, B: Backend> GradTableBuilder<'g, B> {
         e.ld_da = ld_da as i64;
         e.ld_db = ld_db as i64;
         if let Some(da) = da {
-            check_len("da", backend.len(&*da), rank, self.d_in, ld_da)?;
+            check_matrix_len("da", backend.len(&*da), rank, self.d_in, ld_da)?;
             e.da = backend.raw_ptr_mut(da).cast();
         }
         if let Some(db) = db {
-            check_len("db", backend.len(&*db), self.slice_n[slice], rank, ld_db)?;
+            check_matrix_len("db", backend.len(&*db), self.slice_n[slice], rank, ld_db)?;
             e.db = backend.raw_ptr_mut(db).cast();
         }
         self.entries[idx] = e;
@@ -723,13 +686,7 @@ impl<'a, 'w, 'g, B: Backend> BackwardSgmv<'a, 'w, 'g, B> {
         }
         check_error_word(b, &errors)?;
         let need = self.workspace_bytes(b);
-        if b.len(workspace) < need {
-            return Err(Error::invalid(
-                "workspace",
-                format!("≥ {need} bytes (BackwardSgmv::workspace_bytes)"),
-                b.len(workspace),
-            ));
-        }
+        check_workspace(b.len(workspace), need, "BackwardSgmv::workspace_bytes")?;
         if tokens == 0 {
             return Ok(());
         }

@@ -8,11 +8,12 @@
 //! Tokens with id −1 are untouched. Ids out of range and invalid table entries are skipped and
 //! reported in the optional error word ([`crate::adapter::fault`]), never dereferenced.
 
-use crate::adapter::{check_activation_dtype, span, with_weight_type, AdapterTable, ExpandMode};
+use crate::adapter::{check_activation_dtype, with_weight_type, AdapterTable, ExpandMode};
 use crate::backend::Backend;
 use crate::dtype::Float;
 use crate::error::{Error, Result};
 use crate::ffi::{self, sys};
+use crate::validate::{check_extent, check_matrix_len, check_stride, check_word, fits_i32};
 
 /// One decode batch: the adapter table, each token's adapter id, and the token count.
 pub struct Bgmv<'a, 'w, B: Backend> {
@@ -30,21 +31,18 @@ pub(crate) fn check_u_len<B: Backend>(
     let need = table
         .n_slices()
         .checked_mul(tokens)
-        .and_then(|v| v.checked_mul(table.r_cap()))
-        .ok_or_else(|| Error::invalid("u", "a size that fits in usize", "overflow"))?;
-    if u_len < need {
-        return Err(Error::invalid(
-            "u",
-            format!(
-                "≥ {need} elements ([n_slices {}, tokens {tokens}, r_cap {}] f32)",
-                table.n_slices(),
-                table.r_cap()
-            ),
-            u_len,
-        ));
-    }
+        .and_then(|v| v.checked_mul(table.r_cap()));
     let _ = b;
-    Ok(())
+    check_extent(
+        "u",
+        u_len,
+        need,
+        format_args!(
+            "[n_slices {}, tokens {tokens}, r_cap {}] f32",
+            table.n_slices(),
+            table.r_cap()
+        ),
+    )
 }
 
 pub(crate) fn check_rows(
@@ -55,22 +53,8 @@ pub(crate) fn check_rows(
     ld: usize,
     ld_arg: &'static str,
 ) -> Result<()> {
-    if ld < cols {
-        return Err(Error::invalid(ld_arg, format!("≥ {cols}"), ld));
-    }
-    if ld > i64::MAX as usize {
-        return Err(Error::invalid(ld_arg, "≤ i64::MAX", ld));
-    }
-    let need = span(rows, cols, ld)
-        .ok_or_else(|| Error::invalid(arg, "a size that fits in usize", "overflow"))?;
-    if len < need {
-        return Err(Error::invalid(
-            arg,
-            format!("≥ {need} elements ({rows} rows of {cols}, stride {ld})"),
-            len,
-        ));
-    }
-    Ok(())
+    check_stride(ld_arg, ld, cols, cols)?;
+    check_matrix_len(arg, len, rows, cols, ld)
 }
 
 pub(crate) fn check_error_word<B: Backend>(
@@ -78,8 +62,8 @@ pub(crate) fn check_error_word<B: Backend>(
     errors: &Option<&mut B::Buffer<u32>>,
 ) -> Result<()> {
     match errors {
-        Some(e) if b.len(&**e) == 0 => Err(Error::invalid("error_word", "a buffer of ≥ 1 u32", 0)),
-        _ => Ok(()),
+        Some(e) => check_word("error_word", b.len(&**e)),
+        None => Ok(()),
     }
 }
 
@@ -91,9 +75,7 @@ impl<'a, 'w, B: Backend> Bgmv<'a, 'w, B> {
         token_adapter: &'a B::Buffer<i32>,
         tokens: usize,
     ) -> Result<Self> {
-        if tokens > i32::MAX as usize {
-            return Err(Error::invalid("tokens", format!("≤ {}", i32::MAX), tokens));
-        }
+        fits_i32("tokens", tokens)?;
         if backend.len(token_adapter) < tokens {
             return Err(Error::invalid(
                 "token_adapter",

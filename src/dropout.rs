@@ -29,6 +29,7 @@ use crate::dtype::{DType, Float};
 use crate::error::{Error, Result};
 use crate::ffi::{pick_launcher, sys};
 use crate::shrink::{check_x_w_dtypes, ShrinkDense};
+use crate::validate::{check_dtype, check_extent, check_stride, fits_i32, span};
 
 /// Philox multipliers and Weyl key increments (Random123).
 const PHILOX_M0: u32 = 0xD251_1F53;
@@ -188,37 +189,17 @@ impl DropoutShape {
         fits_i32("tokens", self.tokens)?;
         fits_i32("d", self.d)?;
         for (arg, ld) in [("ld_x", self.ld_x), ("ld_y", self.ld_y)] {
-            if ld < self.d {
-                return Err(Error::invalid(arg, format!("≥ d = {}", self.d), ld));
-            }
-            if ld > i64::MAX as usize {
-                return Err(Error::invalid(arg, "≤ i64::MAX", ld));
-            }
+            check_stride(arg, ld, self.d, format_args!("d = {}", self.d))?;
         }
         check_flat_index(self.token_base, self.tokens, self.d)?;
         for (arg, ld, have) in [("x", self.ld_x, x_len), ("y", self.ld_y, y_len)] {
-            let need = span(self.tokens, self.d, ld)
-                .ok_or_else(|| Error::invalid(arg, "a size that fits in usize", "overflow"))?;
-            if have < need {
-                return Err(Error::invalid(
-                    arg,
-                    format!("a buffer of ≥ {need} elements for {self:?}"),
-                    have,
-                ));
-            }
+            check_extent(
+                arg,
+                have,
+                span(self.tokens, self.d, ld),
+                format_args!("{self:?}"),
+            )?;
         }
-        Ok(())
-    }
-}
-
-fn fits_i32(arg: &'static str, v: usize) -> Result<()> {
-    if v > i32::MAX as usize {
-        Err(Error::invalid(
-            arg,
-            format!("≤ {} (int32 index)", i32::MAX),
-            v,
-        ))
-    } else {
         Ok(())
     }
 }
@@ -235,27 +216,6 @@ fn check_flat_index(token_base: usize, tokens: usize, d: usize) -> Result<()> {
             format!("(token_base + tokens) · d ≤ i64::MAX (tokens {tokens}, d {d})"),
             token_base,
         )),
-    }
-}
-
-/// Elements a row-major `[rows, cols]` matrix with stride `ld` spans.
-fn span(rows: usize, cols: usize, ld: usize) -> Option<usize> {
-    if rows == 0 || cols == 0 {
-        return Some(0);
-    }
-    (rows - 1).checked_mul(ld)?.checked_add(cols)
-}
-
-fn check_dtype<B: Backend>(b: &B, arg: &'static str, d: DType) -> Result<()> {
-    if b.supports(d) {
-        Ok(())
-    } else {
-        Err(Error::UnsupportedDtype {
-            arg,
-            backend: b.name(),
-            actual: d,
-            supported: "f32, f16, bf16 (f64 on the cpu backend only)".into(),
-        })
     }
 }
 

@@ -17,22 +17,10 @@
 //!   f32 `expf` (a few ulp), so they match the f64 reference to a few f32 ulps of the terms.
 
 use crate::backend::Backend;
-use crate::dtype::{DType, Float};
+use crate::dtype::Float;
 use crate::error::{Error, Result};
 use crate::ffi::{pick_launcher, sys};
-
-fn check_dtype<B: Backend>(b: &B, arg: &'static str, d: DType) -> Result<()> {
-    if b.supports(d) {
-        Ok(())
-    } else {
-        Err(Error::UnsupportedDtype {
-            arg,
-            backend: b.name(),
-            actual: d,
-            supported: "f32, f16, bf16 (f64 on the cpu backend only)".into(),
-        })
-    }
-}
+use crate::validate::check_dtype;
 
 /// All buffers have `n` elements (the first one's length).
 fn check_same_len(n: usize, others: &[(&'static str, usize)]) -> Result<()> {

@@ -14,46 +14,10 @@
 //! row, column chunk) sums that row's tokens in ascending t. No float atomics.
 
 use crate::backend::Backend;
-use crate::dtype::{DType, Float};
-use crate::error::{Error, Result};
+use crate::dtype::Float;
+use crate::error::Result;
 use crate::ffi::{pick_launcher, sys};
-
-fn fits_i32(arg: &'static str, v: usize) -> Result<()> {
-    if v > i32::MAX as usize {
-        Err(Error::invalid(
-            arg,
-            format!("≤ {} (int32 size)", i32::MAX),
-            v,
-        ))
-    } else {
-        Ok(())
-    }
-}
-
-fn check_len(arg: &'static str, have: usize, need: usize) -> Result<()> {
-    if have < need {
-        Err(Error::invalid(
-            arg,
-            format!("a buffer of ≥ {need} elements"),
-            have,
-        ))
-    } else {
-        Ok(())
-    }
-}
-
-fn check_dtype<B: Backend>(b: &B, arg: &'static str, d: DType) -> Result<()> {
-    if b.supports(d) {
-        Ok(())
-    } else {
-        Err(Error::UnsupportedDtype {
-            arg,
-            backend: b.name(),
-            actual: d,
-            supported: "f32, f16, bf16 (f64 on the cpu backend only)".into(),
-        })
-    }
-}
+use crate::validate::{check_dtype, check_fault, check_len, check_workspace, elems_i64, fits_i32};
 
 /// Sizes: each fits i32, `vocab · dim` and `tokens · dim` fit i64.
 fn check_sizes(vocab: usize, dim: usize, tokens: usize) -> Result<()> {
@@ -61,19 +25,9 @@ fn check_sizes(vocab: usize, dim: usize, tokens: usize) -> Result<()> {
     fits_i32("dim", dim)?;
     fits_i32("tokens", tokens)?;
     for (arg, rows) in [("vocab", vocab), ("tokens", tokens)] {
-        if rows.checked_mul(dim).is_none_or(|n| n > i64::MAX as usize) {
-            return Err(Error::invalid(arg, format!("{arg} · dim ≤ i64::MAX"), rows));
-        }
+        elems_i64(arg, rows, dim)?;
     }
     Ok(())
-}
-
-fn check_fault<B: Backend>(b: &B, fault: &B::Buffer<u32>) -> Result<()> {
-    if b.len(fault) == 0 {
-        Err(Error::invalid("fault", "a buffer of ≥ 1 u32", 0))
-    } else {
-        Ok(())
-    }
 }
 
 /// `out[t, :] = table[ids[t], :]` (overwrite); a bad id leaves row t untouched and sets
@@ -183,13 +137,7 @@ pub fn embedding_backward<B: Backend, T: Float>(
     check_len("d_table", b.len(d_table), vocab * dim)?;
     check_fault(b, fault)?;
     let need = embedding_backward_workspace_bytes(b, vocab, dim, tokens);
-    if b.len(workspace) < need {
-        return Err(Error::invalid(
-            "workspace",
-            format!("≥ {need} bytes (embedding_backward_workspace_bytes)"),
-            b.len(workspace),
-        ));
-    }
+    check_workspace(b.len(workspace), need, "embedding_backward_workspace_bytes")?;
     if tokens == 0 && vocab * dim == 0 {
         return Ok(());
     }
@@ -204,11 +152,7 @@ pub fn embedding_backward<B: Backend, T: Float>(
     p.ids = b.raw_ptr(ids).cast();
     p.d_out = b.raw_ptr(d_out);
     p.d_table = b.raw_ptr_mut(d_table);
-    p.workspace = if need == 0 {
-        std::ptr::null_mut()
-    } else {
-        b.raw_ptr_mut(workspace)
-    };
+    p.workspace = crate::ffi::workspace_ptr(b, workspace, need);
     p.fault = b.raw_ptr_mut(fault).cast();
     p.dtype = T::DTYPE.ffi_tag().unwrap_or(-1);
     let f = pick_launcher!(

@@ -111,6 +111,20 @@ pub(crate) unsafe fn launch<B: Backend, P>(
     launchers.call(op, launcher, params, backend.raw_stream())
 }
 
+/// The workspace pointer for a launch: null when the op needs no workspace (`need == 0`, where
+/// the buffer may be empty), else the buffer's.
+pub(crate) fn workspace_ptr<B: Backend>(
+    b: &B,
+    workspace: &mut B::Buffer<u8>,
+    need: usize,
+) -> *mut std::ffi::c_void {
+    if need == 0 {
+        std::ptr::null_mut()
+    } else {
+        b.raw_ptr_mut(workspace)
+    }
+}
+
 /// The launcher `$emu` or `$cuda` (both `unsafe extern "C" fn` of one signature) that matches the
 /// backend of `$launchers`: how a family module picks its entry points without a field in
 /// [`Launchers`].

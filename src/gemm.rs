@@ -14,9 +14,10 @@
 //! cpu backend is the reference: f64 accumulation, also for `T = f64` (gradient checks).
 
 use crate::backend::Backend;
-use crate::dtype::{DType, Float};
+use crate::dtype::Float;
 use crate::error::{Error, Result};
 use crate::ffi::{pick_launcher, sys};
+use crate::validate::{check_dtype, check_extent, check_stride, fits_i32, span};
 
 /// Shape, layout and scalars of one GEMM (see the module docs).
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -113,13 +114,7 @@ impl Gemm {
     /// Everything the kernels rely on, checked against the buffers' lengths (in elements).
     fn validate(&self, a_len: usize, b_len: usize, c_len: usize) -> Result<()> {
         for (arg, v) in [("m", self.m), ("n", self.n), ("k", self.k)] {
-            if v > i32::MAX as usize {
-                return Err(Error::invalid(
-                    arg,
-                    format!("≤ {} (int32 size)", i32::MAX),
-                    v,
-                ));
-            }
+            fits_i32(arg, v)?;
         }
         let (_, a_cols) = self.a_dims();
         let (_, b_cols) = self.b_dims();
@@ -138,54 +133,19 @@ impl Gemm {
             ),
             ("ldc", self.ldc, self.n, "n"),
         ] {
-            if ld < cols {
-                return Err(Error::invalid(arg, format!("≥ {what} = {cols}"), ld));
-            }
-            if ld > i64::MAX as usize {
-                return Err(Error::invalid(arg, "≤ i64::MAX", ld));
-            }
+            check_stride(arg, ld, cols, format_args!("{what} = {cols}"))?;
         }
         for (arg, need, have) in [
             ("a", self.a_len(), a_len),
             ("b", self.b_len(), b_len),
             ("c", self.c_len(), c_len),
         ] {
-            let need = need.ok_or_else(|| {
-                Error::invalid(arg, "a matrix whose extent fits in usize", "overflow")
-            })?;
-            if need > i64::MAX as usize {
+            if let Some(need) = need.filter(|&n| n > i64::MAX as usize) {
                 return Err(Error::invalid(arg, "an extent ≤ i64::MAX elements", need));
             }
-            if have < need {
-                return Err(Error::invalid(
-                    arg,
-                    format!("a buffer of ≥ {need} elements for {self:?}"),
-                    have,
-                ));
-            }
+            check_extent(arg, have, need, format_args!("{self:?}"))?;
         }
         Ok(())
-    }
-}
-
-/// Elements a row-major `[rows, cols]` matrix with stride `ld` spans.
-fn span(rows: usize, cols: usize, ld: usize) -> Option<usize> {
-    if rows == 0 || cols == 0 {
-        return Some(0);
-    }
-    (rows - 1).checked_mul(ld)?.checked_add(cols)
-}
-
-fn check_dtype<B: Backend>(b: &B, d: DType) -> Result<()> {
-    if b.supports(d) {
-        Ok(())
-    } else {
-        Err(Error::UnsupportedDtype {
-            arg: "a",
-            backend: b.name(),
-            actual: d,
-            supported: "f32, f16, bf16 (f64 on the cpu backend only)".into(),
-        })
     }
 }
 
@@ -202,7 +162,7 @@ pub fn gemm<B: Backend, T: Float>(
     c: &mut B::Buffer<T>,
     shape: &Gemm,
 ) -> Result<()> {
-    check_dtype(b, T::DTYPE)?;
+    check_dtype(b, "a", T::DTYPE)?;
     shape.validate(b.len(a), b.len(bm), b.len(c))?;
     if shape.m == 0 || shape.n == 0 {
         return Ok(());

@@ -35,6 +35,7 @@ pub mod registry;
 pub mod rope;
 pub mod sgmv;
 pub mod shrink;
+mod validate;
 
 #[cfg(feature = "cuda")]
 pub use backend::Cuda;

@@ -27,41 +27,9 @@
 //! or buffer alignment), so results are deterministic and batch-invariant.
 
 use crate::backend::Backend;
-use crate::dtype::{DType, Float};
+use crate::dtype::Float;
 use crate::error::{Error, Result};
-
-pub(crate) fn check_dtype<B: Backend>(b: &B, arg: &'static str, d: DType) -> Result<()> {
-    if b.supports(d) {
-        Ok(())
-    } else {
-        Err(Error::UnsupportedDtype {
-            arg,
-            backend: b.name(),
-            actual: d,
-            supported: "f32, f16, bf16 (f64 on the cpu backend only)".into(),
-        })
-    }
-}
-
-fn fits_i32(arg: &'static str, v: usize) -> Result<()> {
-    if v > i32::MAX as usize {
-        Err(Error::invalid(arg, format!("≤ {} (int32)", i32::MAX), v))
-    } else {
-        Ok(())
-    }
-}
-
-fn check_len(arg: &'static str, have: usize, need: usize) -> Result<()> {
-    if have < need {
-        Err(Error::invalid(
-            arg,
-            format!("a buffer of ≥ {need} elements"),
-            have,
-        ))
-    } else {
-        Ok(())
-    }
-}
+use crate::validate::{check_dtype, check_fault, check_len, elems_i64, fits_i32};
 
 /// rows, cols fit int32, cols ≥ 1 when rows > 0, rows·cols fits int64; returns rows·cols.
 fn check_matrix(rows: usize, cols: usize, cols_arg: &'static str) -> Result<usize> {
@@ -70,10 +38,7 @@ fn check_matrix(rows: usize, cols: usize, cols_arg: &'static str) -> Result<usiz
     if rows > 0 && cols == 0 {
         return Err(Error::invalid(cols_arg, "≥ 1 when rows > 0", cols));
     }
-    // Both ≤ 2^31 − 1: the product fits u64/i64 (and usize on 64-bit hosts).
-    rows.checked_mul(cols)
-        .filter(|&n| n <= i64::MAX as usize)
-        .ok_or_else(|| Error::invalid("rows", "rows · cols within int64", rows))
+    elems_i64("rows", rows, cols)
 }
 
 /// Per row: `lse[r] = logsumexp(logits[r, :])`, `losses[r] = lse[r] − logits[r, targets[r]]` (f32
@@ -97,7 +62,7 @@ pub fn cross_entropy_forward<B: Backend, T: Float>(
     check_len("targets", b.len(targets), rows)?;
     check_len("losses", b.len(losses), rows)?;
     check_len("lse", b.len(lse), rows)?;
-    check_len("fault", b.len(fault), 1)?;
+    check_fault(b, fault)?;
     if rows == 0 {
         return Ok(());
     }

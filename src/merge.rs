@@ -61,6 +61,7 @@ use crate::backend::Backend;
 use crate::dtype::{bf16, f16, DType, Float};
 use crate::error::{Error, Result};
 use crate::ffi::{self, pick_launcher, sys};
+use crate::validate::{self, check_extent, check_stride, fits_i32, span};
 
 /// Bits of the status word (an error word: bits ORed in by the kernels, never cleared by them).
 pub mod status {
@@ -228,25 +229,6 @@ pub enum Direction {
     Unmerge,
 }
 
-fn span(rows: usize, cols: usize, ld: usize) -> Option<usize> {
-    if rows == 0 || cols == 0 {
-        return Some(0);
-    }
-    (rows - 1).checked_mul(ld)?.checked_add(cols)
-}
-
-fn check_len(arg: &'static str, need: Option<usize>, have: usize, what: &str) -> Result<()> {
-    let need = need.ok_or_else(|| Error::invalid(arg, "a size that fits in usize", "overflow"))?;
-    if have < need {
-        return Err(Error::invalid(
-            arg,
-            format!("a buffer of ≥ {need} elements ({what})"),
-            have,
-        ));
-    }
-    Ok(())
-}
-
 const TILE_ROWS: usize = 16;
 
 fn tile_cols(dtype: DType) -> usize {
@@ -284,9 +266,7 @@ fn validate<B: Backend, TW: MergeFloat, TA: Float>(
         ("d_in", shape.d_in),
         ("rank", lora.rank),
     ] {
-        if v > i32::MAX as usize {
-            return Err(Error::invalid(arg, format!("≤ {}", i32::MAX), v));
-        }
+        fits_i32(arg, v)?;
     }
     let (rows, cols) = shape.stored();
     for (arg, ld, min) in [
@@ -294,12 +274,7 @@ fn validate<B: Backend, TW: MergeFloat, TA: Float>(
         ("lda", lora.lda, shape.d_in),
         ("ldb", lora.ldb, lora.rank),
     ] {
-        if ld < min {
-            return Err(Error::invalid(arg, format!("≥ {min}"), ld));
-        }
-        if ld > i64::MAX as usize {
-            return Err(Error::invalid(arg, "≤ i64::MAX", ld));
-        }
+        check_stride(arg, ld, min, min)?;
     }
     let tiles = rows.div_ceil(TILE_ROWS) * cols.div_ceil(tile_cols(TW::DTYPE));
     if tiles > i32::MAX as usize {
@@ -309,31 +284,31 @@ fn validate<B: Backend, TW: MergeFloat, TA: Float>(
             tiles,
         ));
     }
-    check_len(
+    check_extent(
         "w",
-        span(rows, cols, shape.ld_w),
         backend.len(w),
+        span(rows, cols, shape.ld_w),
         "the stored W",
     )?;
     let used = shape.elements() > 0;
-    check_len(
+    check_extent(
         "a",
+        backend.len(lora.a),
         if used {
             span(lora.rank, shape.d_in, lora.lda)
         } else {
             Some(0)
         },
-        backend.len(lora.a),
         "A [rank, d_in]",
     )?;
-    check_len(
+    check_extent(
         "b",
+        backend.len(lora.b),
         if used {
             span(shape.d_out, lora.rank, lora.ldb)
         } else {
             Some(0)
         },
-        backend.len(lora.b),
         "B [d_out, rank]",
     )?;
     Ok(())
@@ -525,14 +500,11 @@ fn check_workspace<B: Backend, TW: MergeFloat>(
     shape: &MergeShape,
 ) -> Result<()> {
     let need = workspace_bytes::<B, TW>(backend, shape);
-    if backend.len(ws) < need {
-        return Err(Error::invalid(
-            "workspace",
-            format!("≥ {need} bytes (allocate the scratch for this shape and dtype)"),
-            backend.len(ws),
-        ));
-    }
-    Ok(())
+    validate::check_workspace(
+        backend.len(ws),
+        need,
+        "allocate the scratch for this shape and dtype",
+    )
 }
 
 /// Safe merge / unmerge: a check pass first; if any result would be non-finite, W is left

@@ -16,12 +16,11 @@
 //! (a function of `rows` only) into workspace partials summed in piece order. Same inputs → the
 //! same bits, under any emulator schedule and run to run on the GPU.
 
-use std::ffi::c_void;
-
 use crate::backend::Backend;
 use crate::dtype::{DType, Float};
 use crate::error::{Error, Result};
 use crate::ffi::{pick_launcher, sys};
+use crate::validate::{check_dtype, check_len, check_workspace, elems_i64, fits_i32};
 
 /// Sizes of an RMSNorm: `rows` vectors of length `dim`, and the epsilon added to the mean square.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -39,13 +38,7 @@ impl RmsNorm {
     fn validate(&self) -> Result<()> {
         fits_i32("rows", self.rows)?;
         fits_i32("dim", self.dim)?;
-        if self
-            .rows
-            .checked_mul(self.dim)
-            .is_none_or(|n| n > i64::MAX as usize)
-        {
-            return Err(Error::invalid("rows", "rows · dim ≤ i64::MAX", self.rows));
-        }
+        elems_i64("rows", self.rows, self.dim)?;
         if !(self.eps.is_finite() && self.eps >= 0.0) {
             return Err(Error::invalid("eps", "a finite value ≥ 0", self.eps));
         }
@@ -82,43 +75,6 @@ impl RmsNorm {
             dim: self.dim as i32,
             dtype: dtype.ffi_tag().unwrap_or(-1),
         }
-    }
-}
-
-fn fits_i32(arg: &'static str, v: usize) -> Result<()> {
-    if v > i32::MAX as usize {
-        Err(Error::invalid(
-            arg,
-            format!("≤ {} (int32 size)", i32::MAX),
-            v,
-        ))
-    } else {
-        Ok(())
-    }
-}
-
-fn check_len(arg: &'static str, have: usize, need: usize) -> Result<()> {
-    if have < need {
-        Err(Error::invalid(
-            arg,
-            format!("a buffer of ≥ {need} elements"),
-            have,
-        ))
-    } else {
-        Ok(())
-    }
-}
-
-fn check_dtype<B: Backend>(b: &B, arg: &'static str, d: DType) -> Result<()> {
-    if b.supports(d) {
-        Ok(())
-    } else {
-        Err(Error::UnsupportedDtype {
-            arg,
-            backend: b.name(),
-            actual: d,
-            supported: "f32, f16, bf16 (f64 on the cpu backend only)".into(),
-        })
     }
 }
 
@@ -201,13 +157,7 @@ pub fn rmsnorm_backward<B: Backend, T: Float>(
     check_len("dx", b.len(dx), s.elems())?;
     check_len("dw", b.len(dw), s.dim)?;
     let need = rmsnorm_backward_workspace_bytes(b, s);
-    if b.len(workspace) < need {
-        return Err(Error::invalid(
-            "workspace",
-            format!("≥ {need} bytes (rmsnorm_backward_workspace_bytes)"),
-            b.len(workspace),
-        ));
-    }
+    check_workspace(b.len(workspace), need, "rmsnorm_backward_workspace_bytes")?;
     if s.dim == 0 {
         return Ok(());
     }
@@ -226,11 +176,7 @@ pub fn rmsnorm_backward<B: Backend, T: Float>(
     p.dy = b.raw_ptr(dy);
     p.dx = b.raw_ptr_mut(dx);
     p.dw = b.raw_ptr_mut(dw);
-    p.workspace = if need == 0 {
-        std::ptr::null_mut::<c_void>()
-    } else {
-        b.raw_ptr_mut(workspace)
-    };
+    p.workspace = crate::ffi::workspace_ptr(b, workspace, need);
     let f = pick_launcher!(
         launchers,
         sys::lk_emu_norm_rmsnorm_backward,

@@ -37,7 +37,7 @@
 use crate::backend::Backend;
 use crate::dtype::Float;
 use crate::error::{Error, Result};
-use crate::loss::check_dtype;
+use crate::validate::{check_dtype, check_workspace};
 
 /// torch.optim.AdamW hyper-parameters (see the module docs).
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -187,13 +187,7 @@ pub fn sum_squares<B: Backend, T: Float>(
         return Err(Error::invalid("out", "a buffer of ≥ 1 element", 0));
     }
     let need = sum_squares_workspace_bytes(b, n);
-    if b.len(workspace) < need {
-        return Err(Error::invalid(
-            "workspace",
-            format!("≥ {need} bytes (sum_squares_workspace_bytes)"),
-            b.len(workspace),
-        ));
-    }
+    check_workspace(b.len(workspace), need, "sum_squares_workspace_bytes")?;
     if need > 0 && (b.raw_ptr(workspace) as usize) % 4 != 0 {
         return Err(Error::invalid(
             "workspace",

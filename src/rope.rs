@@ -18,9 +18,10 @@
 //! final rounding to T.
 
 use crate::backend::Backend;
-use crate::dtype::{DType, Float};
+use crate::dtype::Float;
 use crate::error::{Error, Result};
 use crate::ffi::{pick_launcher, sys};
+use crate::validate::{check_dtype, check_fault, check_len, elems_i64, fits_i32};
 
 /// Sizes of a RoPE application and the base θ (10000 for Llama-2, 500000 for Llama-3).
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -52,13 +53,7 @@ impl Rope {
             ("n_heads", self.n_heads),
             ("head_dim", self.head_dim),
         ] {
-            if v > i32::MAX as usize {
-                return Err(Error::invalid(
-                    arg,
-                    format!("≤ {} (int32 size)", i32::MAX),
-                    v,
-                ));
-            }
+            fits_i32(arg, v)?;
         }
         if self.head_dim % 2 != 0 {
             return Err(Error::invalid("head_dim", "an even number", self.head_dim));
@@ -71,17 +66,7 @@ impl Rope {
                 self.n_heads,
             ));
         }
-        if self
-            .tokens
-            .checked_mul(self.width())
-            .is_none_or(|n| n > i64::MAX as usize)
-        {
-            return Err(Error::invalid(
-                "tokens",
-                "tokens · n_heads · head_dim ≤ i64::MAX",
-                self.tokens,
-            ));
-        }
+        elems_i64("tokens", self.tokens, self.width())?;
         if !(self.theta.is_finite() && self.theta > 0.0) {
             return Err(Error::invalid("theta", "a finite value > 0", self.theta));
         }
@@ -102,19 +87,6 @@ pub fn angle(theta: f32, head_dim: usize, pos: i32, i: usize) -> f32 {
     pos as f32 * inv_freq(theta, head_dim, i)
 }
 
-fn check_dtype<B: Backend>(b: &B, arg: &'static str, d: DType) -> Result<()> {
-    if b.supports(d) {
-        Ok(())
-    } else {
-        Err(Error::UnsupportedDtype {
-            arg,
-            backend: b.name(),
-            actual: d,
-            supported: "f32, f16, bf16 (f64 on the cpu backend only)".into(),
-        })
-    }
-}
-
 fn rope_apply<B: Backend, T: Float>(
     b: &B,
     s: &Rope,
@@ -126,24 +98,9 @@ fn rope_apply<B: Backend, T: Float>(
     let x_arg = if backward { "dx" } else { "x" };
     check_dtype(b, x_arg, T::DTYPE)?;
     s.validate()?;
-    if b.len(positions) < s.tokens {
-        return Err(Error::invalid(
-            "positions",
-            format!("a buffer of ≥ {} elements", s.tokens),
-            b.len(positions),
-        ));
-    }
-    let need = s.tokens * s.width();
-    if b.len(x) < need {
-        return Err(Error::invalid(
-            x_arg,
-            format!("a buffer of ≥ {need} elements"),
-            b.len(x),
-        ));
-    }
-    if b.len(fault) == 0 {
-        return Err(Error::invalid("fault", "a buffer of ≥ 1 u32", 0));
-    }
+    check_len("positions", b.len(positions), s.tokens)?;
+    check_len(x_arg, b.len(x), s.tokens * s.width())?;
+    check_fault(b, fault)?;
     if s.tokens == 0 {
         return Ok(());
     }

@@ -21,6 +21,7 @@ use crate::bgmv::{check_error_word, check_rows, check_u_len, ffi_slices};
 use crate::dtype::Float;
 use crate::error::{Error, Result};
 use crate::ffi::{self, sys};
+use crate::validate::{check_workspace, fits_i32};
 
 /// SGMV segment metadata in a backend's memory: the planner writes it, or an engine uploads its own.
 pub struct SgmvPlan<B: Backend> {
@@ -37,9 +38,7 @@ pub struct SgmvPlan<B: Backend> {
 }
 
 fn check_plan_sizes(tokens: usize, max_segments: usize) -> Result<()> {
-    if tokens > i32::MAX as usize {
-        return Err(Error::invalid("tokens", format!("≤ {}", i32::MAX), tokens));
-    }
+    fits_i32("tokens", tokens)?;
     if max_segments == 0 || max_segments >= i32::MAX as usize {
         return Err(Error::invalid(
             "max_segments",
@@ -176,13 +175,7 @@ impl<B: Backend> SgmvPlan<B> {
                 b.len(token_adapter),
             ));
         }
-        if n_adapters > i32::MAX as usize {
-            return Err(Error::invalid(
-                "n_adapters",
-                format!("≤ {}", i32::MAX),
-                n_adapters,
-            ));
-        }
+        fits_i32("n_adapters", n_adapters)?;
         if self.max_segments < self.tokens.min(n_adapters) {
             return Err(Error::invalid(
                 "max_segments",
@@ -198,13 +191,7 @@ impl<B: Backend> SgmvPlan<B> {
         }
         check_error_word(b, &errors)?;
         let need = self.plan_workspace_bytes(b, token_adapter, n_adapters);
-        if b.len(workspace) < need {
-            return Err(Error::invalid(
-                "workspace",
-                format!("≥ {need} bytes (plan_workspace_bytes)"),
-                b.len(workspace),
-            ));
-        }
+        check_workspace(b.len(workspace), need, "plan_workspace_bytes")?;
         let Some(l) = b.launchers() else {
             let ids = &b.host_slice(token_adapter).expect("host buffer")[..self.tokens];
             let r = reference::plan(ids, n_adapters);
@@ -397,13 +384,7 @@ impl<'a, 'w, B: Backend> Sgmv<'a, 'w, B> {
         check_u_len(b, t, tokens, b.len(u))?;
         check_error_word(b, &errors)?;
         let need = self.shrink_workspace_bytes::<TX>(b, ld_x);
-        if b.len(workspace) < need {
-            return Err(Error::invalid(
-                "workspace",
-                format!("≥ {need} bytes (shrink_workspace_bytes)"),
-                b.len(workspace),
-            ));
-        }
+        check_workspace(b.len(workspace), need, "shrink_workspace_bytes")?;
         if tokens == 0 {
             return Ok(());
         }
@@ -451,13 +432,7 @@ impl<'a, 'w, B: Backend> Sgmv<'a, 'w, B> {
         check_u_len(b, t, tokens, b.len(u))?;
         check_error_word(b, &errors)?;
         let need = self.expand_workspace_bytes::<TO>(b, ld_out, mode);
-        if b.len(workspace) < need {
-            return Err(Error::invalid(
-                "workspace",
-                format!("≥ {need} bytes (expand_workspace_bytes)"),
-                b.len(workspace),
-            ));
-        }
+        check_workspace(b.len(workspace), need, "expand_workspace_bytes")?;
         if tokens == 0 {
             return Ok(());
         }

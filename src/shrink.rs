@@ -9,6 +9,7 @@ use crate::backend::Backend;
 use crate::dtype::{DType, Float};
 use crate::error::{Error, Result};
 use crate::ffi::sys;
+use crate::validate::{check_dtype, check_extent, check_stride, fits_i32, span};
 
 /// Sizes and leading dimensions (in elements) of a dense shrink.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -37,26 +38,7 @@ impl ShrinkDense {
         }
     }
 
-    /// Elements a row-major `[rows, cols]` matrix with stride `ld` spans.
-    fn span(rows: usize, cols: usize, ld: usize) -> Option<usize> {
-        if rows == 0 || cols == 0 {
-            return Some(0);
-        }
-        (rows - 1).checked_mul(ld)?.checked_add(cols)
-    }
-
     pub(crate) fn validate(&self, x_len: usize, a_len: usize, u_len: usize) -> Result<()> {
-        let fits_i32 = |arg: &'static str, v: usize| {
-            if v > i32::MAX as usize {
-                Err(Error::invalid(
-                    arg,
-                    format!("≤ {} (int32 index)", i32::MAX),
-                    v,
-                ))
-            } else {
-                Ok(())
-            }
-        };
         fits_i32("tokens", self.tokens)?;
         fits_i32("d_in", self.d_in)?;
         fits_i32("rank", self.rank)?;
@@ -65,38 +47,25 @@ impl ShrinkDense {
             ("lda", self.lda, self.d_in),
             ("ld_u", self.ld_u, self.rank),
         ] {
-            if ld < min {
-                return Err(Error::invalid(arg, format!("≥ {min}"), ld));
-            }
-            if ld > i64::MAX as usize {
-                return Err(Error::invalid(arg, "≤ i64::MAX", ld));
-            }
+            check_stride(arg, ld, min, min)?;
         }
         // With no work (zero tokens or zero rank) nothing is read.
         let x_need = if self.rank == 0 {
             Some(0)
         } else {
-            Self::span(self.tokens, self.d_in, self.ld_x)
+            span(self.tokens, self.d_in, self.ld_x)
         };
         let a_need = if self.tokens == 0 {
             Some(0)
         } else {
-            Self::span(self.rank, self.d_in, self.lda)
+            span(self.rank, self.d_in, self.lda)
         };
         for (arg, need, have) in [
             ("x", x_need, x_len),
             ("a", a_need, a_len),
-            ("u", Self::span(self.tokens, self.rank, self.ld_u), u_len),
+            ("u", span(self.tokens, self.rank, self.ld_u), u_len),
         ] {
-            let need =
-                need.ok_or_else(|| Error::invalid(arg, "a size that fits in usize", "overflow"))?;
-            if have < need {
-                return Err(Error::invalid(
-                    arg,
-                    format!("a buffer of ≥ {need} elements for {self:?}"),
-                    have,
-                ));
-            }
+            check_extent(arg, have, need, format_args!("{self:?}"))?;
         }
         Ok(())
     }
@@ -127,14 +96,7 @@ impl ShrinkDense {
 /// Checks that x's dtype is the weights' dtype or f32, and that the backend takes both.
 pub(crate) fn check_x_w_dtypes<B: Backend>(b: &B, x: DType, w: DType) -> Result<()> {
     for (arg, d) in [("x", x), ("a", w)] {
-        if !b.supports(d) {
-            return Err(Error::UnsupportedDtype {
-                arg,
-                backend: b.name(),
-                actual: d,
-                supported: "f32, f16, bf16 (f64 on the cpu backend only)".into(),
-            });
-        }
+        check_dtype(b, arg, d)?;
     }
     if x != w && x != DType::F32 {
         return Err(Error::UnsupportedDtype {

@@ -532,10 +532,6 @@ fn emu_matches_cpu_f16_bf16() {
     check_forward_backward::<bf16>(&Case::new(4, 2, 16, &[9, 4]), 131);
 }
 
-fn bits<T: Float>(v: &[T]) -> Vec<u64> {
-    v.iter().map(|x| x.to_f64().to_bits()).collect()
-}
-
 /// Forward + backward on emu: every output's bits.
 fn emu_bits(c: &Case, x: &Inputs<f32>) -> Vec<Vec<u64>> {
     let t = c.tokens();

@@ -33,15 +33,6 @@ use proptest::prelude::*;
 use rand::seq::SliceRandom;
 use rand::Rng;
 
-fn unit_roundoff(d: DType) -> f64 {
-    match d {
-        DType::F32 => f64::powi(2.0, -24),
-        DType::F16 => f64::powi(2.0, -11),
-        DType::BF16 => f64::powi(2.0, -8),
-        DType::F64 => f64::powi(2.0, -53),
-    }
-}
-
 /// `|got − exact| ≤ tol` with a readable failure.
 fn assert_close(got: f64, exact: f64, tol: f64, what: impl FnOnce() -> String) {
     assert!(
@@ -50,10 +41,6 @@ fn assert_close(got: f64, exact: f64, tol: f64, what: impl FnOnce() -> String) {
         what(),
         (got - exact).abs()
     );
-}
-
-fn bits<T: Float>(v: &[T]) -> Vec<u64> {
-    v.iter().map(|x| x.to_f64().to_bits()).collect()
 }
 
 /// Tolerance of a reduction over the tokens giving `exact_total` (incl. the old value when

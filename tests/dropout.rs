@@ -21,14 +21,6 @@ use lora_kernels::shrink::{shrink_dense, ShrinkDense};
 use lora_kernels::{bf16, f16, Backend, Cpu, Emu, Error, Float};
 use proptest::prelude::*;
 
-fn bits<T: Float>(v: &[T]) -> Vec<u64> {
-    v.iter().map(|x| x.to_f64().to_bits()).collect()
-}
-
-fn poison<T: Float>() -> T {
-    T::from_f32(POISON)
-}
-
 /// Runs `dropout_forward` (or backward) on `b` with y pre-filled with poison; returns all of y.
 fn run_scale<B: Backend, T: Float>(
     b: &B,

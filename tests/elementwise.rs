@@ -10,7 +10,7 @@ mod common;
 use common::*;
 use lora_kernels::elementwise::{add, add_assign, scale, swiglu_backward, swiglu_forward};
 use lora_kernels::ffi::sys;
-use lora_kernels::{bf16, f16, Backend, Cpu, DType, Emu, Error, Float, Schedule};
+use lora_kernels::{bf16, f16, Backend, Cpu, Emu, Error, Float, Schedule};
 use proptest::prelude::*;
 
 /// d_gate and d_up of L = Σ swiglu(gate, up) ⊙ G by central differences (h = 1e-6, f64), gates
@@ -64,33 +64,6 @@ fn reference_swiglu_backward_matches_finite_differences() {
 }
 
 // ---- emu vs cpu ---------------------------------------------------------------------------------
-
-/// Unit roundoff of T's storage (relative error of one rounding to T).
-fn unit<T: Float>() -> f64 {
-    match T::DTYPE {
-        DType::F32 => f64::powi(2.0, -24),
-        DType::F16 => f64::powi(2.0, -11),
-        DType::BF16 => f64::powi(2.0, -8),
-        DType::F64 => f64::powi(2.0, -53),
-    }
-}
-
-/// Half the smallest subnormal of T: the absolute error of rounding a tiny value to T.
-fn tiny<T: Float>() -> f64 {
-    match T::DTYPE {
-        DType::F16 => f64::powi(2.0, -25),
-        DType::BF16 => f64::powi(2.0, -134),
-        _ => f64::powi(2.0, -150),
-    }
-}
-
-fn bits<T: Float>(v: &[T]) -> Vec<u64> {
-    v.iter().map(|x| x.to_f64().to_bits()).collect()
-}
-
-fn poisoned<T: Float>(n: usize) -> Vec<T> {
-    vec![T::from_f32(POISON); n]
-}
 
 const U32: f64 = 5.960464477539063e-8; // 2⁻²⁴
 

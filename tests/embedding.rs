@@ -13,7 +13,7 @@ use lora_kernels::embedding::{
     embedding_backward, embedding_backward_workspace_bytes, embedding_forward,
 };
 use lora_kernels::ffi::sys;
-use lora_kernels::{bf16, f16, Backend, Cpu, DType, Emu, Error, Float, Schedule};
+use lora_kernels::{bf16, f16, Backend, Cpu, Emu, Error, Float, Schedule};
 use proptest::prelude::*;
 use rand::Rng;
 
@@ -86,23 +86,6 @@ fn reference_backward_matches_finite_differences() {
 // ---- emu vs cpu ---------------------------------------------------------------------------------
 
 const U: f64 = 5.960464477539063e-8; // 2⁻²⁴
-
-fn unit<T: Float>() -> f64 {
-    match T::DTYPE {
-        DType::F32 => U,
-        DType::F16 => f64::powi(2.0, -11),
-        DType::BF16 => f64::powi(2.0, -8),
-        DType::F64 => f64::powi(2.0, -53),
-    }
-}
-
-fn bits<T: Float>(v: &[T]) -> Vec<u64> {
-    v.iter().map(|x| x.to_f64().to_bits()).collect()
-}
-
-fn poisoned<T: Float>(n: usize) -> Vec<T> {
-    vec![T::from_f32(POISON); n]
-}
 
 /// Ids drawn from a few "hot" values (long segments: the 8-row unrolled path), the whole range, and
 /// ~5% bad ones (negative or ≥ vocab).

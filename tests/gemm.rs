@@ -18,19 +18,12 @@
 
 mod common;
 
+use common::gemm_util::*;
 use common::*;
 use lora_kernels::gemm::{gemm, Gemm};
 use lora_kernels::{bf16, f16, Backend, Cpu, DType, Emu, Error, Float, Schedule};
 use proptest::prelude::*;
 use rand::Rng;
-
-fn poison<T: Float>() -> T {
-    T::from_f32(POISON)
-}
-
-fn bits<T: Float>(v: &[T]) -> Vec<u64> {
-    v.iter().map(|x| x.to_f64().to_bits()).collect()
-}
 
 /// Runs `gemm` on `b` with C pre-filled from `c0`; returns all of C.
 fn run<B: Backend, T: Float>(b: &B, a: &[T], bm: &[T], c0: &[T], s: &Gemm) -> Vec<T> {
@@ -39,41 +32,6 @@ fn run<B: Backend, T: Float>(b: &B, a: &[T], bm: &[T], c0: &[T], s: &Gemm) -> Ve
     let mut cb = b.upload(c0).unwrap();
     gemm(b, &ab, &bb, &mut cb, s).unwrap_or_else(|e| panic!("{e} for {s:?}"));
     b.download(&cb).unwrap()
-}
-
-/// All four transpose forms of a packed m×n×k problem.
-fn forms(m: usize, n: usize, k: usize) -> [Gemm; 4] {
-    [
-        Gemm::nn(m, n, k),
-        Gemm::nt(m, n, k),
-        Gemm::tn(m, n, k),
-        Gemm::tt(m, n, k),
-    ]
-}
-
-/// Element `(i, p)` of op(A) / `(p, j)` of op(B), independently of the crate.
-fn op_a<T: Float>(a: &[T], s: &Gemm, i: usize, p: usize) -> f64 {
-    if s.a_trans {
-        a[p * s.lda + i].to_f64()
-    } else {
-        a[i * s.lda + p].to_f64()
-    }
-}
-fn op_b<T: Float>(b: &[T], s: &Gemm, p: usize, j: usize) -> f64 {
-    if s.b_trans {
-        b[j * s.ldb + p].to_f64()
-    } else {
-        b[p * s.ldb + j].to_f64()
-    }
-}
-
-fn unit_roundoff(d: DType) -> f64 {
-    match d {
-        DType::F32 => f64::powi(2.0, -24),
-        DType::F16 => f64::powi(2.0, -11),
-        DType::BF16 => f64::powi(2.0, -8),
-        DType::F64 => f64::powi(2.0, -53),
-    }
 }
 
 /// Half an ulp of T's smallest subnormal (the absolute error of rounding a tiny value).

@@ -7,6 +7,7 @@
 mod block;
 mod common;
 
+use common::gpu::{check, err};
 use common::selftest::*;
 use common::serving::*;
 use common::*;
@@ -183,18 +184,6 @@ fn main() {
         })
         .collect();
     libtest_mimic::run(&args, trials).exit();
-}
-
-fn check(cond: bool, msg: impl FnOnce() -> String) -> Result<(), Failed> {
-    if cond {
-        Ok(())
-    } else {
-        Err(msg().into())
-    }
-}
-
-fn err(e: Error) -> Failed {
-    e.to_string().into()
 }
 
 fn run_shrink<B: Backend, TX: Float, TW: Float>(

@@ -11,7 +11,7 @@ use lora_kernels::ffi::sys;
 use lora_kernels::norm::{
     rmsnorm_backward, rmsnorm_backward_workspace_bytes, rmsnorm_forward, RmsNorm,
 };
-use lora_kernels::{bf16, f16, Backend, Cpu, DType, Emu, Error, Float, Schedule};
+use lora_kernels::{bf16, f16, Backend, Cpu, Emu, Error, Float, Schedule};
 use proptest::prelude::*;
 
 /// Central finite difference of `f` at `v[k]` with step h.
@@ -82,31 +82,6 @@ fn reference_backward_matches_finite_differences() {
 
 const U: f64 = 5.960464477539063e-8; // 2⁻²⁴
 const TAIL: usize = 3;
-
-fn unit<T: Float>() -> f64 {
-    match T::DTYPE {
-        DType::F32 => U,
-        DType::F16 => f64::powi(2.0, -11),
-        DType::BF16 => f64::powi(2.0, -8),
-        DType::F64 => f64::powi(2.0, -53),
-    }
-}
-
-fn tiny<T: Float>() -> f64 {
-    match T::DTYPE {
-        DType::F16 => f64::powi(2.0, -25),
-        DType::BF16 => f64::powi(2.0, -134),
-        _ => f64::powi(2.0, -150),
-    }
-}
-
-fn bits<T: Float>(v: &[T]) -> Vec<u64> {
-    v.iter().map(|x| x.to_f64().to_bits()).collect()
-}
-
-fn poisoned<T: Float>(n: usize) -> Vec<T> {
-    vec![T::from_f32(POISON); n]
-}
 
 struct Out<T> {
     y: Vec<T>,

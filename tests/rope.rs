@@ -10,7 +10,7 @@ use common::*;
 use lora_kernels::adapter::fault;
 use lora_kernels::ffi::sys;
 use lora_kernels::rope::{rope_backward, rope_forward, Rope};
-use lora_kernels::{bf16, f16, Backend, Cpu, DType, Emu, Error, Float, Schedule};
+use lora_kernels::{bf16, f16, Backend, Cpu, Emu, Error, Float, Schedule};
 use proptest::prelude::*;
 use rand::Rng;
 
@@ -51,27 +51,6 @@ fn reference_backward_matches_finite_differences() {
 }
 
 // ---- emu vs cpu ---------------------------------------------------------------------------------
-
-fn unit<T: Float>() -> f64 {
-    match T::DTYPE {
-        DType::F32 => f64::powi(2.0, -24),
-        DType::F16 => f64::powi(2.0, -11),
-        DType::BF16 => f64::powi(2.0, -8),
-        DType::F64 => f64::powi(2.0, -53),
-    }
-}
-
-fn tiny<T: Float>() -> f64 {
-    match T::DTYPE {
-        DType::F16 => f64::powi(2.0, -25),
-        DType::BF16 => f64::powi(2.0, -134),
-        _ => f64::powi(2.0, -150),
-    }
-}
-
-fn bits<T: Float>(v: &[T]) -> Vec<u64> {
-    v.iter().map(|x| x.to_f64().to_bits()).collect()
-}
 
 /// Runs forward (or backward) on `b`; returns (x after, fault word).
 fn run<B: Backend, T: Float>(

@@ -1,7 +1,7 @@
 //! Shared test utilities: the size knob, random inputs, poisoning and tolerance checks.
 #![allow(dead_code)]
 
-use lora_kernels::Float;
+use lora_kernels::{DType, Float};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
@@ -42,6 +42,45 @@ pub fn random_vec<T: Float>(rng: &mut StdRng, n: usize) -> Vec<T> {
 /// f32 NaN with a recognisable payload: an unwritten element shows up as this exact bit pattern.
 pub const POISON: f32 = f32::from_bits(0x7fc0_dead);
 
+/// [`POISON`] as T (a NaN in every float type).
+pub fn poison<T: Float>() -> T {
+    T::from_f32(POISON)
+}
+
+/// `n` elements of [`poison`]: fill an output with it to see which elements a kernel wrote.
+pub fn poisoned<T: Float>(n: usize) -> Vec<T> {
+    vec![poison::<T>(); n]
+}
+
+/// Every element's bits (through f64, exact for every element type), for bit-for-bit comparisons.
+pub fn bits<T: Float>(v: &[T]) -> Vec<u64> {
+    v.iter().map(|x| x.to_f64().to_bits()).collect()
+}
+
+/// Unit roundoff of a dtype (the relative error of one rounding to it).
+pub fn unit_roundoff(d: DType) -> f64 {
+    match d {
+        DType::F32 => f64::powi(2.0, -24),
+        DType::F16 => f64::powi(2.0, -11),
+        DType::BF16 => f64::powi(2.0, -8),
+        DType::F64 => f64::powi(2.0, -53),
+    }
+}
+
+/// Unit roundoff of T's storage.
+pub fn unit<T: Float>() -> f64 {
+    unit_roundoff(T::DTYPE)
+}
+
+/// Half the smallest subnormal of T: the absolute error of rounding a tiny value to T.
+pub fn tiny<T: Float>() -> f64 {
+    match T::DTYPE {
+        DType::F16 => f64::powi(2.0, -25),
+        DType::BF16 => f64::powi(2.0, -134),
+        _ => f64::powi(2.0, -150),
+    }
+}
+
 /// Tolerance for an f32-accumulated dot product of `n` terms computed as `chains` sequential FMA
 /// chains combined by a `levels`-deep tree: |got − exact| ≤ (n/chains + levels + 1) · 2⁻²⁴ · Σ|xᵢyᵢ|
 /// (the standard γ bound for recursive summation, with inputs exact in f32). `abs_sum` is Σ|xᵢyᵢ|.
@@ -50,5 +89,7 @@ pub fn dot_tolerance(n: usize, chains: usize, levels: usize, abs_sum: f64) -> f6
     1.01 * steps as f64 * f64::powi(2.0, -24) * abs_sum + f64::MIN_POSITIVE
 }
 pub mod block;
+pub mod gemm_util;
+pub mod gpu;
 pub mod selftest;
 pub mod serving;

@@ -3,7 +3,7 @@
 //! unequal widths, token ids of several popularity patterns with −1 rows, and the tolerance rules.
 #![allow(dead_code, clippy::too_many_arguments)]
 
-use super::{random_vec, rng, scale, POISON};
+use super::{random_vec, rng, scale, unit_roundoff, POISON};
 use lora_kernels::adapter::{
     fault, AdapterTable, AdapterTableBuilder, ExpandMode, LoraWeights, Slice,
 };
@@ -227,16 +227,6 @@ pub fn subnormal_spacing(d: DType) -> f64 {
         DType::F16 => f64::powi(2.0, -24),
         DType::BF16 => f64::powi(2.0, -133),
         DType::F64 => 0.0,
-    }
-}
-
-/// Unit roundoff of a dtype.
-pub fn unit_roundoff(d: DType) -> f64 {
-    match d {
-        DType::F32 => f64::powi(2.0, -24),
-        DType::F16 => f64::powi(2.0, -11),
-        DType::BF16 => f64::powi(2.0, -8),
-        DType::F64 => f64::powi(2.0, -53),
     }
 }
 

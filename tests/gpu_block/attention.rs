@@ -13,7 +13,8 @@ use lora_kernels::attention::{
 };
 use lora_kernels::{bf16, f16, Backend, Cpu, Cuda, DType, Error, Float};
 
-use crate::common::{random_vec, rng, POISON};
+use crate::common::gpu::err;
+use crate::common::{bits, random_vec, rng, POISON};
 use crate::GpuTest;
 
 pub const TESTS: &[(&str, GpuTest)] = &[
@@ -62,10 +63,6 @@ fn bwd_tol<T: Float>(a: &Attention, len: usize) -> f64 {
     let hd = a.head_dim as f64;
     let n = (a.group() * len) as f64;
     8.0 * U * (4.0 + (a.scale as f64).abs() * hd + n.sqrt() + hd) + 8.0 * hd.sqrt() * out_ulp::<T>()
-}
-
-fn e(x: Error) -> Failed {
-    x.to_string().into()
 }
 
 fn starts_of(lens: &[usize]) -> Vec<i32> {
@@ -122,34 +119,34 @@ fn run<B: Backend, T: Float>(
 ) -> Result<Results<T>, Failed> {
     let a = &p.a;
     let t = p.tokens();
-    let sb = b.upload(starts).map_err(e)?;
+    let sb = b.upload(starts).map_err(err)?;
     let batch = AttentionBatch::<B> {
         seq_starts: &sb,
         n_seqs: starts.len() - 1,
         tokens: t,
         max_seq_len,
     };
-    let up = |x: &[T]| b.upload(x).map_err(e);
+    let up = |x: &[T]| b.upload(x).map_err(err);
     let (q, k, v, dout) = (up(&p.q)?, up(&p.k)?, up(&p.v)?, up(&p.d_out)?);
     let pq = vec![T::from_f32(POISON); t * a.q_dim()];
     let pkv = vec![T::from_f32(POISON); t * a.kv_dim()];
     let mut out = up(&pq)?;
-    let mut lse = b.upload(&vec![POISON; t * a.n_heads]).map_err(e)?;
+    let mut lse = b.upload(&vec![POISON; t * a.n_heads]).map_err(err)?;
     let (mut dq, mut dk, mut dv) = (up(&pq)?, up(&pkv)?, up(&pkv)?);
     let mut ws = b
         .alloc::<u8>(attention_backward_workspace_bytes(b, a, &batch))
-        .map_err(e)?;
-    let mut f = b.alloc::<u32>(1).map_err(e)?;
-    b.synchronize().map_err(e)?;
+        .map_err(err)?;
+    let mut f = b.alloc::<u32>(1).map_err(err)?;
+    b.synchronize().map_err(err)?;
     let t0 = Instant::now();
-    attention_forward(b, a, &batch, &q, &k, &v, &mut out, &mut lse, &mut f).map_err(e)?;
-    b.synchronize().map_err(e)?;
+    attention_forward(b, a, &batch, &q, &k, &v, &mut out, &mut lse, &mut f).map_err(err)?;
+    b.synchronize().map_err(err)?;
     let t1 = Instant::now();
     attention_backward(
         b, a, &batch, &q, &k, &v, &out, &lse, &dout, &mut dq, &mut dk, &mut dv, &mut ws, &mut f,
     )
-    .map_err(e)?;
-    b.synchronize().map_err(e)?;
+    .map_err(err)?;
+    b.synchronize().map_err(err)?;
     let t2 = Instant::now();
     if let Some(name) = timing {
         eprintln!(
@@ -159,12 +156,12 @@ fn run<B: Backend, T: Float>(
         );
     }
     Ok(Results {
-        out: b.download(&out).map_err(e)?,
-        lse: b.download(&lse).map_err(e)?,
-        dq: b.download(&dq).map_err(e)?,
-        dk: b.download(&dk).map_err(e)?,
-        dv: b.download(&dv).map_err(e)?,
-        fault: b.download(&f).map_err(e)?[0],
+        out: b.download(&out).map_err(err)?,
+        lse: b.download(&lse).map_err(err)?,
+        dq: b.download(&dq).map_err(err)?,
+        dk: b.download(&dk).map_err(err)?,
+        dv: b.download(&dv).map_err(err)?,
+        fault: b.download(&f).map_err(err)?[0],
     })
 }
 
@@ -329,10 +326,6 @@ pub(crate) fn realistic_on<B: Backend, T: Float>(
     Ok(())
 }
 
-fn bits<T: Float>(v: &[T]) -> Vec<u64> {
-    v.iter().map(|x| x.to_f64().to_bits()).collect()
-}
-
 fn deterministic(dev: &Cuda) -> Result<(), Failed> {
     deterministic_on(dev)
 }
@@ -401,17 +394,17 @@ fn rejects_bad_input(dev: &Cuda) -> Result<(), Failed> {
 
 pub(crate) fn rejects_bad_input_on<B: Backend>(dev: &B) -> Result<(), Failed> {
     let a = Attention::new(4, 2, 48);
-    let starts = dev.upload(&[0i32, 4]).map_err(e)?;
+    let starts = dev.upload(&[0i32, 4]).map_err(err)?;
     let batch = AttentionBatch::<B> {
         seq_starts: &starts,
         n_seqs: 1,
         tokens: 4,
         max_seq_len: 4,
     };
-    let x = dev.alloc::<f32>(4 * 4 * 48).map_err(e)?;
-    let mut out = dev.alloc::<f32>(4 * 4 * 48).map_err(e)?;
-    let mut lse = dev.alloc::<f32>(16).map_err(e)?;
-    let mut f = dev.alloc::<u32>(1).map_err(e)?;
+    let x = dev.alloc::<f32>(4 * 4 * 48).map_err(err)?;
+    let mut out = dev.alloc::<f32>(4 * 4 * 48).map_err(err)?;
+    let mut lse = dev.alloc::<f32>(16).map_err(err)?;
+    let mut f = dev.alloc::<u32>(1).map_err(err)?;
     let r = attention_forward(dev, &a, &batch, &x, &x, &x, &mut out, &mut lse, &mut f);
     if !matches!(
         r,
@@ -423,13 +416,13 @@ pub(crate) fn rejects_bad_input_on<B: Backend>(dev: &B) -> Result<(), Failed> {
         return Err(format!("head_dim 48: {r:?}").into());
     }
     let a = Attention::new(4, 2, 16);
-    let short = dev.alloc::<f32>(10).map_err(e)?;
+    let short = dev.alloc::<f32>(10).map_err(err)?;
     let r = attention_forward(dev, &a, &batch, &short, &x, &x, &mut out, &mut lse, &mut f);
     if !matches!(r, Err(Error::InvalidArgument { arg: "q", .. })) {
         return Err(format!("short q: {r:?}").into());
     }
-    let z = dev.alloc::<f64>(64).map_err(e)?;
-    let mut zo = dev.alloc::<f64>(64).map_err(e)?;
+    let z = dev.alloc::<f64>(64).map_err(err)?;
+    let mut zo = dev.alloc::<f64>(64).map_err(err)?;
     let r = attention_forward(dev, &a, &batch, &z, &z, &z, &mut zo, &mut lse, &mut f);
     if !matches!(r, Err(Error::UnsupportedDtype { .. })) {
         return Err(format!("f64: {r:?}").into());
@@ -456,19 +449,19 @@ pub(crate) fn kv_write_on<B: Backend>(dev: &B) -> Result<(), Failed> {
     let mut results = Vec::new();
     for on_gpu in [true, false] {
         let (c, f) = if on_gpu {
-            let rb = dev.upload(&rows).map_err(e)?;
-            let sb = dev.upload(&slots).map_err(e)?;
-            let mut cb = dev.upload(&init).map_err(e)?;
-            let mut fb = dev.alloc::<u32>(1).map_err(e)?;
-            kv_cache_write(dev, kv_dim, tokens, &rb, &sb, &mut cb, &mut fb).map_err(e)?;
+            let rb = dev.upload(&rows).map_err(err)?;
+            let sb = dev.upload(&slots).map_err(err)?;
+            let mut cb = dev.upload(&init).map_err(err)?;
+            let mut fb = dev.alloc::<u32>(1).map_err(err)?;
+            kv_cache_write(dev, kv_dim, tokens, &rb, &sb, &mut cb, &mut fb).map_err(err)?;
             (
-                dev.download(&cb).map_err(e)?,
-                dev.download(&fb).map_err(e)?[0],
+                dev.download(&cb).map_err(err)?,
+                dev.download(&fb).map_err(err)?[0],
             )
         } else {
             let mut cb = init.clone();
             let mut fb = vec![0u32];
-            kv_cache_write(&Cpu, kv_dim, tokens, &rows, &slots, &mut cb, &mut fb).map_err(e)?;
+            kv_cache_write(&Cpu, kv_dim, tokens, &rows, &slots, &mut cb, &mut fb).map_err(err)?;
             (cb, fb[0])
         };
         results.push((bits(&c), f));
@@ -494,15 +487,15 @@ fn run_decode<B: Backend, T: Float>(
     vc: &[T],
 ) -> Result<(Vec<T>, u32), Failed> {
     let n = d.kv_start.len();
-    let up = |x: &[T]| b.upload(x).map_err(e);
+    let up = |x: &[T]| b.upload(x).map_err(err);
     let (qb, kb, vb) = (up(q)?, up(kc)?, up(vc)?);
-    let sb = b.upload(&d.kv_start).map_err(e)?;
-    let lb = b.upload(&d.kv_len).map_err(e)?;
+    let sb = b.upload(&d.kv_start).map_err(err)?;
+    let lb = b.upload(&d.kv_len).map_err(err)?;
     let mut out = up(&vec![T::from_f32(POISON); n * d.a.q_dim()])?;
     let mut ws = b
         .alloc::<u8>(attention_decode_workspace_bytes(b, &d.a, n, d.max_kv_len))
-        .map_err(e)?;
-    let mut f = b.alloc::<u32>(1).map_err(e)?;
+        .map_err(err)?;
+    let mut f = b.alloc::<u32>(1).map_err(err)?;
     attention_decode(
         b,
         &d.a,
@@ -517,8 +510,11 @@ fn run_decode<B: Backend, T: Float>(
         &mut ws,
         &mut f,
     )
-    .map_err(e)?;
-    Ok((b.download(&out).map_err(e)?, b.download(&f).map_err(e)?[0]))
+    .map_err(err)?;
+    Ok((
+        b.download(&out).map_err(err)?,
+        b.download(&f).map_err(err)?[0],
+    ))
 }
 
 /// 16 sequences over a shared cache (Llama-3-8B heads), lengths 0 … 4096 (up to 16 splits), one
@@ -582,14 +578,14 @@ pub(crate) fn decode_vs_forward_on<B: Backend>(dev: &B) -> Result<(), Failed> {
     // K/V into a cache at shifted slots with kv_cache_write, then decode each last token.
     let cache_rows = t + 100;
     let slots: Vec<i32> = (0..t as i32).map(|x| x + 50).collect();
-    let kb = dev.upload(&p.k).map_err(e)?;
-    let vb = dev.upload(&p.v).map_err(e)?;
-    let sb = dev.upload(&slots).map_err(e)?;
-    let mut kc = dev.alloc::<f32>(cache_rows * a.kv_dim()).map_err(e)?;
-    let mut vc = dev.alloc::<f32>(cache_rows * a.kv_dim()).map_err(e)?;
-    let mut f = dev.alloc::<u32>(1).map_err(e)?;
-    kv_cache_write(dev, a.kv_dim(), t, &kb, &sb, &mut kc, &mut f).map_err(e)?;
-    kv_cache_write(dev, a.kv_dim(), t, &vb, &sb, &mut vc, &mut f).map_err(e)?;
+    let kb = dev.upload(&p.k).map_err(err)?;
+    let vb = dev.upload(&p.v).map_err(err)?;
+    let sb = dev.upload(&slots).map_err(err)?;
+    let mut kc = dev.alloc::<f32>(cache_rows * a.kv_dim()).map_err(err)?;
+    let mut vc = dev.alloc::<f32>(cache_rows * a.kv_dim()).map_err(err)?;
+    let mut f = dev.alloc::<u32>(1).map_err(err)?;
+    kv_cache_write(dev, a.kv_dim(), t, &kb, &sb, &mut kc, &mut f).map_err(err)?;
+    kv_cache_write(dev, a.kv_dim(), t, &vb, &sb, &mut vc, &mut f).map_err(err)?;
     let qd: Vec<f32> = (0..lens.len())
         .flat_map(|s| {
             let r = starts[s + 1] as usize - 1;
@@ -602,10 +598,10 @@ pub(crate) fn decode_vs_forward_on<B: Backend>(dev: &B) -> Result<(), Failed> {
         kv_start: starts[..lens.len()].iter().map(|&s| s + 50).collect(),
         kv_len: lens.iter().map(|&l| l as i32).collect(),
     };
-    let kch = dev.download(&kc).map_err(e)?;
-    let vch = dev.download(&vc).map_err(e)?;
+    let kch = dev.download(&kc).map_err(err)?;
+    let vch = dev.download(&vc).map_err(err)?;
     let (out, fl) = run_decode(dev, &d, &qd, &kch, &vch)?;
-    if fl != 0 || dev.download(&f).map_err(e)?[0] != 0 {
+    if fl != 0 || dev.download(&f).map_err(err)?[0] != 0 {
         return Err("unexpected fault".into());
     }
     let tol = 2.0 * fwd_tol::<f32>(&a, 513);

@@ -3,7 +3,8 @@
 //! add/add_assign/scale are exactly rounded on every backend: cuda = cpu bit for bit. SwiGLU: the
 //! derived bound of tests/elementwise.rs (8·2⁻²⁴·|g·u| etc. plus both roundings to T).
 
-use crate::common::{random_vec, rng, POISON};
+use crate::common::gpu::{check, err};
+use crate::common::{bits, random_vec, rng, unit, POISON};
 use crate::GpuTest;
 use libtest_mimic::Failed;
 use lora_kernels::elementwise::{
@@ -19,31 +20,6 @@ pub const TESTS: &[(&str, GpuTest)] = &[
     ("elementwise_deterministic", deterministic),
     ("elementwise_rejects_bad_input", rejects_bad_input),
 ];
-
-fn check(cond: bool, msg: impl FnOnce() -> String) -> Result<(), Failed> {
-    if cond {
-        Ok(())
-    } else {
-        Err(msg().into())
-    }
-}
-
-fn err(e: Error) -> Failed {
-    e.to_string().into()
-}
-
-fn unit<T: Float>() -> f64 {
-    match T::DTYPE {
-        DType::F32 => f64::powi(2.0, -24),
-        DType::F16 => f64::powi(2.0, -11),
-        DType::BF16 => f64::powi(2.0, -8),
-        DType::F64 => f64::powi(2.0, -53),
-    }
-}
-
-fn bits<T: Float>(v: &[T]) -> Vec<u64> {
-    v.iter().map(|x| x.to_f64().to_bits()).collect()
-}
 
 /// [add, add_assign, swiglu, d_gate, d_up, scale] on `b`, outputs poisoned first.
 fn run_all<B: Backend, T: Float>(

@@ -2,7 +2,8 @@
 //! ordered f32 sum (ascending t per vocab row) — the same bits as the emulator — and rows no token
 //! uses exactly +0; bad ids skipped + fault.
 
-use crate::common::{random_vec, rng, POISON};
+use crate::common::gpu::{check, err};
+use crate::common::{bits, random_vec, rng, POISON};
 use crate::GpuTest;
 use libtest_mimic::Failed;
 use lora_kernels::adapter::fault;
@@ -20,22 +21,6 @@ pub const TESTS: &[(&str, GpuTest)] = &[
     ("embedding_deterministic", deterministic),
     ("embedding_rejects_bad_input", rejects_bad_input),
 ];
-
-fn check(cond: bool, msg: impl FnOnce() -> String) -> Result<(), Failed> {
-    if cond {
-        Ok(())
-    } else {
-        Err(msg().into())
-    }
-}
-
-fn err(e: Error) -> Failed {
-    e.to_string().into()
-}
-
-fn bits<T: Float>(v: &[T]) -> Vec<u64> {
-    v.iter().map(|x| x.to_f64().to_bits()).collect()
-}
 
 fn ids_for(seed: u64, vocab: usize, tokens: usize) -> Vec<i32> {
     let mut r = rng(seed);

@@ -7,8 +7,10 @@
 
 use std::time::Instant;
 
+use crate::common::gemm_util::*;
+use crate::common::gpu::{check, err};
 use crate::common::*;
-use crate::{check, err, GpuTest};
+use crate::GpuTest;
 use libtest_mimic::Failed;
 use lora_kernels::gemm::{gemm, Gemm};
 use lora_kernels::{bf16, f16, Backend, Cpu, Cuda, DType, Emu, Error, Float};
@@ -34,39 +36,6 @@ pub const TESTS: &[(&str, GpuTest)] = &[
     ("gemm_rejects_bad_input", rejects_bad_input),
     ("gemm_f16_throughput_vs_cublas", throughput_vs_cublas),
 ];
-
-fn forms(m: usize, n: usize, k: usize) -> [Gemm; 4] {
-    [
-        Gemm::nn(m, n, k),
-        Gemm::nt(m, n, k),
-        Gemm::tn(m, n, k),
-        Gemm::tt(m, n, k),
-    ]
-}
-
-fn op_a<T: Float>(a: &[T], s: &Gemm, i: usize, p: usize) -> f64 {
-    if s.a_trans {
-        a[p * s.lda + i].to_f64()
-    } else {
-        a[i * s.lda + p].to_f64()
-    }
-}
-fn op_b<T: Float>(b: &[T], s: &Gemm, p: usize, j: usize) -> f64 {
-    if s.b_trans {
-        b[j * s.ldb + p].to_f64()
-    } else {
-        b[p * s.ldb + j].to_f64()
-    }
-}
-
-fn unit_roundoff(d: DType) -> f64 {
-    match d {
-        DType::F32 => f64::powi(2.0, -24),
-        DType::F16 => f64::powi(2.0, -11),
-        DType::BF16 => f64::powi(2.0, -8),
-        DType::F64 => f64::powi(2.0, -53),
-    }
-}
 
 /// Exact (f64) value of element (i, j) and its tolerance against a T-rounded kernel result.
 fn exact_and_tol<T: Float>(
@@ -113,10 +82,6 @@ fn run<B: Backend, T: Float>(
     let mut cb = b.upload(c0).map_err(err)?;
     gemm(b, &ab, &bb, &mut cb, s).map_err(err)?;
     b.download(&cb).map_err(err)
-}
-
-fn poison<T: Float>() -> T {
-    T::from_f32(POISON)
 }
 
 /// cuda vs cpu at odd sizes, every form, alpha/beta, padded strides; untouched padding bit-exact.

@@ -6,8 +6,9 @@
 //! 4·2⁻²⁴·|lse| (CUDA's expf ≤ 2 ulp, logf ≤ 1 ulp); backward within d_loss·((|x − lse| + 4)·2⁻²⁴·p +
 //! 2·2⁻²⁴·|p − onehot|) + 1 ulp of T.
 
+use crate::common::gpu::{check, err};
 use crate::common::*;
-use crate::{check, err, GpuTest};
+use crate::GpuTest;
 use libtest_mimic::Failed;
 use lora_kernels::adapter::fault;
 use lora_kernels::loss::{argmax_rows, cross_entropy_backward, cross_entropy_forward, reference};

@@ -3,13 +3,14 @@
 
 #![allow(clippy::needless_range_loop)]
 
-use crate::common::{random_vec, rng, POISON};
+use crate::common::gpu::{check, err};
+use crate::common::{random_vec, rng, unit, POISON};
 use crate::GpuTest;
 use libtest_mimic::Failed;
 use lora_kernels::norm::{
     reference, rmsnorm_backward, rmsnorm_backward_workspace_bytes, rmsnorm_forward, RmsNorm,
 };
-use lora_kernels::{bf16, f16, Backend, Cpu, Cuda, DType, Error, Float};
+use lora_kernels::{bf16, f16, Backend, Cpu, Cuda, Error, Float};
 
 pub const TESTS: &[(&str, GpuTest)] = &[
     ("rmsnorm_f32_matches_cpu", matches_cpu::<f32>),
@@ -20,27 +21,6 @@ pub const TESTS: &[(&str, GpuTest)] = &[
 ];
 
 const U: f64 = 5.960464477539063e-8;
-
-fn check(cond: bool, msg: impl FnOnce() -> String) -> Result<(), Failed> {
-    if cond {
-        Ok(())
-    } else {
-        Err(msg().into())
-    }
-}
-
-fn err(e: Error) -> Failed {
-    e.to_string().into()
-}
-
-fn unit<T: Float>() -> f64 {
-    match T::DTYPE {
-        DType::F32 => U,
-        DType::F16 => f64::powi(2.0, -11),
-        DType::BF16 => f64::powi(2.0, -8),
-        DType::F64 => f64::powi(2.0, -53),
-    }
-}
 
 type Outs<T> = (Vec<T>, Vec<f32>, Vec<T>, Vec<T>);
 

@@ -3,8 +3,9 @@
 //! against the cpu reference the tolerances of tests/optim.rs apply (checked there on emu, so
 //! bit-equality with emu implies them).
 
+use crate::common::gpu::{check, err};
 use crate::common::*;
-use crate::{check, err, GpuTest};
+use crate::GpuTest;
 use libtest_mimic::Failed;
 use lora_kernels::optim::{adamw_step, reference, sum_squares, sum_squares_workspace_bytes, AdamW};
 use lora_kernels::{bf16, f16, Backend, Cpu, Cuda, Emu, Error, Float};

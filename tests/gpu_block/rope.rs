@@ -3,12 +3,13 @@
 
 #![allow(clippy::needless_range_loop)]
 
-use crate::common::{random_vec, rng, POISON};
+use crate::common::gpu::{check, err};
+use crate::common::{random_vec, rng, unit, POISON};
 use crate::GpuTest;
 use libtest_mimic::Failed;
 use lora_kernels::adapter::fault;
 use lora_kernels::rope::{rope_backward, rope_forward, Rope};
-use lora_kernels::{bf16, f16, Backend, Cpu, Cuda, DType, Error, Float};
+use lora_kernels::{bf16, f16, Backend, Cpu, Cuda, Error, Float};
 use rand::Rng;
 
 pub const TESTS: &[(&str, GpuTest)] = &[
@@ -18,27 +19,6 @@ pub const TESTS: &[(&str, GpuTest)] = &[
     ("rope_deterministic", deterministic),
     ("rope_rejects_bad_input", rejects_bad_input),
 ];
-
-fn check(cond: bool, msg: impl FnOnce() -> String) -> Result<(), Failed> {
-    if cond {
-        Ok(())
-    } else {
-        Err(msg().into())
-    }
-}
-
-fn err(e: Error) -> Failed {
-    e.to_string().into()
-}
-
-fn unit<T: Float>() -> f64 {
-    match T::DTYPE {
-        DType::F32 => f64::powi(2.0, -24),
-        DType::F16 => f64::powi(2.0, -11),
-        DType::BF16 => f64::powi(2.0, -8),
-        DType::F64 => f64::powi(2.0, -53),
-    }
-}
 
 fn run<B: Backend, T: Float>(
     b: &B,
