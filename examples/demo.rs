@@ -8,7 +8,7 @@ use std::process::ExitCode;
 use clap::Parser;
 use indicatif::{ProgressBar, ProgressStyle};
 use lora_kernels::demo::{self, DemoConfig, Progress, Report};
-use lora_kernels::{Backend, BackendKind, Cpu, Emu};
+use lora_kernels::{Backend, BackendKind, Cpu, DType, Emu};
 
 #[derive(Parser, Debug)]
 #[command(about = "Train LoRA adapters on a tiny Llama-style LM and serve them in one mixed batch")]
@@ -31,6 +31,19 @@ struct Args {
     /// Seed for data and initialisation.
     #[arg(long)]
     seed: Option<u64>,
+    /// The dtype the trained model is served in: f32, f16 or bf16 (f16/bf16 run the GEMMs and SGMV
+    /// on tensor cores).
+    #[arg(long, default_value = "f32", value_parser = parse_dtype)]
+    serve_dtype: DType,
+}
+
+fn parse_dtype(s: &str) -> Result<DType, String> {
+    match s {
+        "f32" => Ok(DType::F32),
+        "f16" => Ok(DType::F16),
+        "bf16" => Ok(DType::BF16),
+        other => Err(format!("`{other}`: expected f32, f16 or bf16")),
+    }
 }
 
 struct Bars {
@@ -82,8 +95,8 @@ fn print_report(r: &Report) {
         r.merged_max_rel_diff
     );
     println!(
-        "training {:.0} tokens/s, serving {:.0} tokens/s ({} backend)",
-        r.train_tokens_per_s, r.serve_tokens_per_s, r.backend
+        "training {:.0} tokens/s, serving {:.0} tokens/s in {} ({} backend)",
+        r.train_tokens_per_s, r.serve_tokens_per_s, r.serve_dtype, r.backend
     );
 }
 
@@ -108,6 +121,7 @@ fn main() -> ExitCode {
         cfg.seed = s;
     }
     cfg.out_dir = args.out.clone();
+    cfg.serve_dtype = args.serve_dtype;
     let kind = args.backend.unwrap_or_else(default_backend);
     let result = match kind {
         BackendKind::Cpu => run_on(&Cpu, &cfg),

@@ -17,7 +17,9 @@ use serde::Serialize;
 
 use crate::autograd::Tape;
 use crate::backend::Backend;
+use crate::dtype::{bf16, f16, DType};
 use crate::error::{Error, Result};
+use crate::merge::MergeFloat;
 use crate::model::{registry_layers, Batch, Engine, LlamaConfig, LoraConfig, Request, TinyLm};
 use crate::optim::AdamW;
 use crate::peft::PeftAdapter;
@@ -184,6 +186,8 @@ pub struct DemoConfig {
     /// Requests per task served (with its adapter, and the same prompts again without).
     pub eval_per_task: usize,
     pub seed: u64,
+    /// The dtype the trained model is served in (f16/bf16: GEMMs and SGMV on tensor cores).
+    pub serve_dtype: DType,
     /// Where adapters and the report go.
     pub out_dir: PathBuf,
 }
@@ -227,6 +231,7 @@ impl DemoConfig {
             adapter_lr: 5e-3,
             eval_per_task: 64,
             seed: 2026,
+            serve_dtype: DType::F32,
             out_dir: PathBuf::from("target/demo"),
         }
     }
@@ -266,6 +271,8 @@ pub struct Report {
     pub merged_max_rel_diff: f64,
     pub train_tokens_per_s: f64,
     pub serve_tokens_per_s: f64,
+    /// The dtype the model and adapters were served in.
+    pub serve_dtype: String,
     /// Losses: pretraining (every step), then each adapter's.
     pub pretrain_losses: Vec<f64>,
     pub adapter_losses: Vec<Vec<f64>>,
@@ -393,6 +400,116 @@ pub fn trainable_line(trainable: usize, all: usize) -> String {
     )
 }
 
+/// What serving the adapters produced.
+struct Served {
+    loaded: Vec<Task>,
+    /// Per task: [correct with its adapter, correct with the base model].
+    correct: Vec<[usize; 2]>,
+    merged_max_rel_diff: f64,
+    processed: usize,
+    serve_secs: f64,
+}
+
+/// Loads the saved adapters into a registry of `T` weights, serves one shuffled mixed batch (every
+/// prompt with its adapter and without) and compares merged with unmerged logits.
+fn serve<B: Backend + 'static, T: MergeFloat>(
+    b: &B,
+    model: &TinyLm<B, T>,
+    adapters: &[(Task, PathBuf)],
+    cfg: &DemoConfig,
+) -> Result<Served> {
+    // Serve: load the saved adapters into a registry and run one mixed batch.
+    let mut registry =
+        AdapterRegistry::<B, T>::new(b, registry_layers(&cfg.model), adapters.len(), cfg.lora.r)?;
+    let mut loaded = Vec::new();
+    for (task, dir) in adapters {
+        let peft = PeftAdapter::load(dir)
+            .map_err(|e| Error::invalid("adapter", "a loadable PEFT adapter", e.to_string()))?;
+        let id = registry.add(b, task.name(), &peft)?;
+        loaded.push((*task, id, peft));
+    }
+    let mut rng = SplitMix::new(cfg.seed ^ 0xE7A1);
+    let mut requests = Vec::new();
+    let mut expected = Vec::new();
+    for (task, id, _) in &loaded {
+        for _ in 0..cfg.eval_per_task {
+            let (x, y) = task.example(&mut rng, cfg.len);
+            for adapter in [Some(*id), None] {
+                requests.push(Request {
+                    prompt: task.prompt(&x),
+                    adapter,
+                });
+                expected.push(y.clone());
+            }
+        }
+    }
+    // Interleave so that the batch really mixes adapters.
+    let order: Vec<usize> = {
+        let mut o: Vec<usize> = (0..requests.len()).collect();
+        for i in (1..o.len()).rev() {
+            o.swap(i, rng.below(i as u64 + 1) as usize);
+        }
+        o
+    };
+    let shuffled: Vec<Request> = order.iter().map(|&i| requests[i].clone()).collect();
+    let engine = Engine::new(model);
+    let serve_start = Instant::now();
+    let generated = engine.generate(b, Some(&registry), &shuffled, cfg.len)?;
+    let serve_secs = serve_start.elapsed().as_secs_f64();
+    let mut correct = vec![[0usize; 2]; loaded.len()];
+    for (k, &i) in order.iter().enumerate() {
+        let task_index = i / (2 * cfg.eval_per_task);
+        let with_adapter = i % 2 == 0;
+        if generated.tokens[k] == expected[i] {
+            correct[task_index][usize::from(!with_adapter)] += 1;
+        }
+    }
+
+    // Merged vs unmerged: the same prompts served through the registry and through weights with
+    // the adapter merged in.
+    let mut merged_max_rel_diff = 0.0f64;
+    for (task, id, peft) in &loaded {
+        let prompts: Vec<Request> = (0..cfg.eval_per_task.min(16))
+            .map(|_| {
+                let (x, _) = task.example(&mut rng, cfg.len);
+                Request {
+                    prompt: task.prompt(&x),
+                    adapter: Some(*id),
+                }
+            })
+            .collect();
+        let unmerged = engine
+            .generate(b, Some(&registry), &prompts, 1)?
+            .prefill_logits;
+        let plain: Vec<Request> = prompts
+            .iter()
+            .map(|r| Request {
+                prompt: r.prompt.clone(),
+                adapter: None,
+            })
+            .collect();
+        let merged = Engine::merged(b, model, peft)?
+            .generate(b, None, &plain, 1)?
+            .prefill_logits;
+        let max_abs = unmerged
+            .iter()
+            .fold(0.0f64, |m, &v| m.max((v as f64).abs()));
+        let max_diff = unmerged
+            .iter()
+            .zip(&merged)
+            .fold(0.0f64, |m, (&u, &v)| m.max((u as f64 - v as f64).abs()));
+        merged_max_rel_diff = merged_max_rel_diff.max(max_diff / max_abs.max(f64::MIN_POSITIVE));
+    }
+
+    Ok(Served {
+        loaded: loaded.iter().map(|(task, _, _)| *task).collect(),
+        correct,
+        merged_max_rel_diff,
+        processed: generated.processed,
+        serve_secs,
+    })
+}
+
 /// Runs the whole demo on backend `b`.
 pub fn run<B: Backend + 'static>(
     b: &B,
@@ -455,93 +572,27 @@ pub fn run<B: Backend + 'static>(
     }
     let train_secs = train_start.elapsed().as_secs_f64();
 
-    // Serve: load the saved adapters into a registry and run one mixed batch.
-    let mut registry =
-        AdapterRegistry::<B, f32>::new(b, registry_layers(&cfg.model), adapters.len(), cfg.lora.r)?;
-    let mut loaded = Vec::new();
-    for (task, dir) in &adapters {
-        let peft = PeftAdapter::load(dir)
-            .map_err(|e| Error::invalid("adapter", "a loadable PEFT adapter", e.to_string()))?;
-        let id = registry.add(b, task.name(), &peft)?;
-        loaded.push((*task, id, peft));
-    }
-    let mut rng = SplitMix::new(cfg.seed ^ 0xE7A1);
-    let mut requests = Vec::new();
-    let mut expected = Vec::new();
-    for (task, id, _) in &loaded {
-        for _ in 0..cfg.eval_per_task {
-            let (x, y) = task.example(&mut rng, cfg.len);
-            for adapter in [Some(*id), None] {
-                requests.push(Request {
-                    prompt: task.prompt(&x),
-                    adapter,
-                });
-                expected.push(y.clone());
-            }
+    // Serve: load the saved adapters into a registry and run one mixed batch, in the serving dtype.
+    let served = match cfg.serve_dtype {
+        DType::F32 => serve(b, &model, &adapters, cfg)?,
+        DType::F16 => serve(b, &model.to_dtype::<f16>(b)?, &adapters, cfg)?,
+        DType::BF16 => serve(b, &model.to_dtype::<bf16>(b)?, &adapters, cfg)?,
+        DType::F64 => {
+            return Err(Error::invalid("serve_dtype", "f32, f16 or bf16", "f64"));
         }
-    }
-    // Interleave so that the batch really mixes adapters.
-    let order: Vec<usize> = {
-        let mut o: Vec<usize> = (0..requests.len()).collect();
-        for i in (1..o.len()).rev() {
-            o.swap(i, rng.below(i as u64 + 1) as usize);
-        }
-        o
     };
-    let shuffled: Vec<Request> = order.iter().map(|&i| requests[i].clone()).collect();
-    let engine = Engine::new(&model);
-    let serve_start = Instant::now();
-    let generated = engine.generate(b, Some(&registry), &shuffled, cfg.len)?;
-    let serve_secs = serve_start.elapsed().as_secs_f64();
-    let mut correct = vec![[0usize; 2]; loaded.len()];
-    for (k, &i) in order.iter().enumerate() {
-        let task_index = i / (2 * cfg.eval_per_task);
-        let with_adapter = i % 2 == 0;
-        if generated.tokens[k] == expected[i] {
-            correct[task_index][usize::from(!with_adapter)] += 1;
-        }
-    }
-
-    // Merged vs unmerged: the same prompts served through the registry and through weights with
-    // the adapter merged in.
-    let mut merged_max_rel_diff = 0.0f64;
-    for (task, id, peft) in &loaded {
-        let prompts: Vec<Request> = (0..cfg.eval_per_task.min(16))
-            .map(|_| {
-                let (x, _) = task.example(&mut rng, cfg.len);
-                Request {
-                    prompt: task.prompt(&x),
-                    adapter: Some(*id),
-                }
-            })
-            .collect();
-        let unmerged = engine
-            .generate(b, Some(&registry), &prompts, 1)?
-            .prefill_logits;
-        let plain: Vec<Request> = prompts
-            .iter()
-            .map(|r| Request {
-                prompt: r.prompt.clone(),
-                adapter: None,
-            })
-            .collect();
-        let merged = Engine::merged(b, &model, peft)?
-            .generate(b, None, &plain, 1)?
-            .prefill_logits;
-        let max_abs = unmerged
-            .iter()
-            .fold(0.0f64, |m, &v| m.max((v as f64).abs()));
-        let max_diff = unmerged
-            .iter()
-            .zip(&merged)
-            .fold(0.0f64, |m, (&u, &v)| m.max((u as f64 - v as f64).abs()));
-        merged_max_rel_diff = merged_max_rel_diff.max(max_diff / max_abs.max(f64::MIN_POSITIVE));
-    }
+    let Served {
+        loaded,
+        correct,
+        merged_max_rel_diff,
+        processed,
+        serve_secs,
+    } = served;
 
     let results: Vec<AdapterResult> = loaded
         .iter()
         .zip(&correct)
-        .map(|((task, _, _), c)| AdapterResult {
+        .map(|(task, c)| AdapterResult {
             name: format!("adapter-{}", task.name()),
             task: task.name().into(),
             accuracy: c[0] as f64 / cfg.eval_per_task as f64,
@@ -553,7 +604,8 @@ pub fn run<B: Backend + 'static>(
         adapters: results,
         merged_max_rel_diff,
         train_tokens_per_s: train_tokens as f64 / train_secs.max(1e-9),
-        serve_tokens_per_s: generated.processed as f64 / serve_secs.max(1e-9),
+        serve_tokens_per_s: processed as f64 / serve_secs.max(1e-9),
+        serve_dtype: cfg.serve_dtype.name().into(),
         pretrain_losses,
         adapter_losses,
     };

@@ -493,3 +493,22 @@ fn reduced_demo_on_emu() {
         assert!(json.get(key).is_some(), "report.json lacks {key}");
     }
 }
+
+#[test]
+fn reduced_demo_on_emu_served_in_bf16() {
+    // Serving in bf16 runs the base GEMMs and SGMV on tensor cores (mma.sync on the emulator).
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = DemoConfig::reduced();
+    cfg.out_dir = dir.path().to_path_buf();
+    cfg.serve_dtype = lora_kernels::DType::BF16;
+    let report = demo::run(&Emu, &cfg, &mut demo::Quiet).unwrap();
+    assert_eq!(report.serve_dtype, "bf16");
+    // Merged weights are rounded to bf16 once (2⁻⁹ relative) while the unmerged path adds the LoRA
+    // term to bf16 activations: logits agree to a few bf16 ulps of their largest magnitude (measured
+    // 4.7e-3), within the demo's 1e-2 acceptance bound.
+    assert!(
+        report.merged_max_rel_diff <= 1e-2,
+        "{}",
+        report.merged_max_rel_diff
+    );
+}
