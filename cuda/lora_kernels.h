@@ -645,7 +645,8 @@ size_t lk_emu_attention_decode_workspace_size(const LkAttentionDecodeParams* p);
  *   backward: c[r] = sum_j dy·w·x; dx = rstd·w·dy − (rstd^3/dim)·x·c; dw[j] = sum_r dy·x·rstd
  *             (fixed split over rows into workspace partials, summed in piece order: deterministic).
  * One dtype for x, w, y, dy, dx, dw (LkDtype); f32 arithmetic. eps finite and >= 0. The backward's
- * workspace: lk_<backend>_norm_rmsnorm_backward_workspace_size(p) bytes (may be 0: then null is fine). */
+ * workspace: lk_<backend>_norm_rmsnorm_backward_workspace_size(p) bytes, 4-byte aligned (may be 0: then
+ * null is fine). */
 typedef struct LkRmsNormForwardParams {
   const void* x;
   const void* w;
@@ -686,7 +687,8 @@ size_t lk_emu_norm_rmsnorm_backward_workspace_size(const LkRmsNormBackwardParams
  *   backward: d_table[v, :] = sum over t with ids[t] = v of d_out[t, :], summed in ascending t in f32
  *             (deterministic: a stable device radix sort of the ids into the workspace, then one
  *             pass per vocab row); rows no token uses become 0. Workspace:
- *             lk_<backend>_embedding_backward_workspace_size(p) bytes, 16-byte aligned. */
+ *             lk_<backend>_embedding_backward_workspace_size(p) bytes (about 20·tokens), 4-byte
+ *             aligned; 0 (null allowed) when tokens = 0. */
 typedef struct LkEmbeddingForwardParams {
   const int32_t* ids;
   const void* table;
@@ -721,8 +723,8 @@ size_t lk_emu_embedding_backward_workspace_size(const LkEmbeddingBackwardParams*
 /* ---- rope (cuda/rope.cu) ---- */
 /* Rotary position embedding, HF Llama convention (rotate_half), in place on x [tokens, n_heads·head_dim]
  * (one dtype, LkDtype). For head h and i < head_dim/2 the pair (x[h·hd + i], x[h·hd + i + hd/2]) is
- * rotated by angle = f32(pos) · inv_freq[i] (an f32 product), inv_freq[i] = f32(theta^(−2i/hd)) computed
- * in double: forward (a, b) → (a·cos − b·sin, b·cos + a·sin); backward uses −angle (the transpose).
+ * rotated by angle = f32(pos) · inv_freq[i] (an f32 product), inv_freq[i] = f32(exp(−2i · log(theta)/hd))
+ * computed in double (= f32(theta^(−2i/hd)) but for astronomically rare near-ties): forward (a, b) → (a·cos − b·sin, b·cos + a·sin); backward uses −angle (the transpose).
  * positions int32 [tokens] (device-resident): a negative one skips the token (row untouched) and ORs
  * LK_FAULT_INDEX into *fault (null = no reporting). head_dim even; theta finite and > 0. */
 typedef struct LkRopeParams {

@@ -238,7 +238,9 @@ __global__ void __launch_bounds__(Group<G>::kThreads)
     if (n == kN && vec_ok) {
       *reinterpret_cast<Pack<T>*>(out + e0) = p;
     } else {
-      for (int k = 0; k < n; ++k) out[e0 + k] = p.v[k];
+#pragma unroll
+      for (int k = 0; k < kN; ++k)
+        if (k < n) out[e0 + k] = p.v[k];
     }
   }
 }

@@ -8,10 +8,10 @@
  *    multiply-add is an explicit fmaf and `/`, sqrtf are IEEE-exact on both compilers (nvcc's
  *    defaults -prec-div, -prec-sqrt), so emu and cuda produce the same bits.
  *    Layout: param, grad [n] (T = f32/f16/bf16), m, v [n] f32.
- *    Work split: thread ↔ a chunk of 4 consecutive elements (f32 m/v: one 128-bit load each;
- *    param/grad: 128-bit (f32) or 64-bit (f16/bf16)), grid-stride, 256-thread blocks, grid =
- *    min(⌈chunks/256⌉, 2^16). Misaligned buffers or a partial last chunk go element by element
- *    (same arithmetic, same bits).
+ *    Work split: thread ↔ a chunk of 2 consecutive elements (m/v: one 64-bit load each; param/grad:
+ *    64-bit (f32) or 32-bit (f16/bf16); why not 4: see kAdamVec), grid-stride, 256-thread blocks,
+ *    grid = min(⌈chunks/256⌉, 2^16). Misaligned buffers or a partial last chunk go element by
+ *    element (same arithmetic, same bits).
  *    Napkin (H200 ~4.8 TB/s): f32 params: 4+4 (param r/w) + 4 (grad) + 16 (m, v r/w) = 28 B/element:
  *    a 40M-parameter LoRA step moves 1.1 GB ≈ 0.23 ms; ~12 flops/element, far under compute.
  *
@@ -34,6 +34,11 @@ LK_NAMESPACE_BEGIN
 
 constexpr int kAdamThreads = 256;
 constexpr int64_t kAdamMaxBlocks = 1 << 16;
+/* Elements per thread iteration. Two, not four: the IEEE `/` and sqrtf have out-of-line slow paths
+ * (ptxas subroutine calls), and with four elements' state live across those calls ptxas spills
+ * (bf16, sm_80 and sm_90). Two elements keep every load 64-bit (f32) / 32-bit (f16, bf16) and fully
+ * coalesced, which a streaming kernel at full occupancy needs more than 128-bit width. */
+constexpr int kAdamVec = 2;
 
 struct AdamWFactors {
   float decay, beta2, omb1, omb2, step_size, bc2_sqrt, eps;
@@ -60,10 +65,10 @@ template <typename T>
 __global__ void __launch_bounds__(kAdamThreads)
     adamw_kernel(T* __restrict__ param, const T* __restrict__ grad, float* __restrict__ m, float* __restrict__ v,
                  int64_t n, AdamWFactors f) {
-  constexpr int kN = 4;
+  constexpr int kN = kAdamVec;
   const int64_t chunks = (n + kN - 1) / kN;
-  const bool vec_ok = aligned_to(param, kN * sizeof(T)) && aligned_to(grad, kN * sizeof(T)) && aligned_to(m, 16) &&
-                      aligned_to(v, 16);
+  const bool vec_ok = aligned_to(param, kN * sizeof(T)) && aligned_to(grad, kN * sizeof(T)) &&
+                      aligned_to(m, kN * sizeof(float)) && aligned_to(v, kN * sizeof(float));
   const int64_t stride = static_cast<int64_t>(gridDim.x) * kAdamThreads;
   for (int64_t c = static_cast<int64_t>(blockIdx.x) * kAdamThreads + threadIdx.x; c < chunks; c += stride) {
     const int64_t e0 = c * kN;
@@ -93,7 +98,7 @@ __global__ void __launch_bounds__(kAdamThreads)
 
 template <typename T>
 int launch_adamw(const LkAdamWParams& p, void* stream) {
-  const int64_t chunks = (p.n + 3) / 4;
+  const int64_t chunks = (p.n + kAdamVec - 1) / kAdamVec;
   int64_t blocks = (chunks + kAdamThreads - 1) / kAdamThreads;
   if (blocks > kAdamMaxBlocks) blocks = kAdamMaxBlocks;
   const AdamWFactors f{p.decay, p.beta2, p.one_minus_beta1, p.one_minus_beta2, p.step_size, p.bc2_sqrt, p.eps};
@@ -144,9 +149,12 @@ __global__ void __launch_bounds__(kSumThreads)
         acc[k % 4] = fmaf(xv, xv, acc[k % 4]);
       }
     } else {
-      for (int k = 0; k < kN && e0 + k < n; ++k) {
-        const float xv = to_f32(x[e0 + k]);
-        acc[k % 4] = fmaf(xv, xv, acc[k % 4]);
+#pragma unroll
+      for (int k = 0; k < kN; ++k) {
+        if (e0 + k < n) {
+          const float xv = to_f32(x[e0 + k]);
+          acc[k % 4] = fmaf(xv, xv, acc[k % 4]);
+        }
       }
     }
   }

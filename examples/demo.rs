@@ -66,7 +66,10 @@ impl Progress for Bars {
 
 fn print_report(r: &Report) {
     println!();
-    println!("{:<18} {:<8} {:>16} {:>16}", "adapter", "task", "accuracy", "base accuracy");
+    println!(
+        "{:<18} {:<8} {:>16} {:>16}",
+        "adapter", "task", "accuracy", "base accuracy"
+    );
     for a in &r.adapters {
         println!(
             "{:<18} {:<8} {:>16.3} {:>16.3}",

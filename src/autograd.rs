@@ -465,7 +465,11 @@ impl<'a, B: Backend, T: Float> Tape<'a, B, T> {
     /// A constant input (no gradient flows into it).
     pub fn constant(&mut self, rows: usize, cols: usize, data: &[T]) -> Result<Tensor> {
         if data.len() != rows * cols {
-            return Err(Error::invalid("data", format!("{} values", rows * cols), data.len()));
+            return Err(Error::invalid(
+                "data",
+                format!("{} values", rows * cols),
+                data.len(),
+            ));
         }
         let id = self.nodes.len();
         self.nodes.push(Node {
@@ -476,7 +480,12 @@ impl<'a, B: Backend, T: Float> Tape<'a, B, T> {
     }
 
     /// `out[t] = table[ids[t]]`.
-    pub fn embedding(&mut self, params: &Params<B, T>, table: ParamId, ids: &[i32]) -> Result<Tensor> {
+    pub fn embedding(
+        &mut self,
+        params: &Params<B, T>,
+        table: ParamId,
+        ids: &[i32],
+    ) -> Result<Tensor> {
         let p = params.get(table);
         let (vocab, dim, tokens) = (p.rows, p.cols, ids.len());
         let ids_buf = self.b.upload(ids)?;
@@ -509,7 +518,13 @@ impl<'a, B: Backend, T: Float> Tape<'a, B, T> {
     }
 
     /// RMSNorm over each row with weight `w` (`[1, cols]`).
-    pub fn rmsnorm(&mut self, params: &Params<B, T>, x: Tensor, w: ParamId, eps: f32) -> Result<Tensor> {
+    pub fn rmsnorm(
+        &mut self,
+        params: &Params<B, T>,
+        x: Tensor,
+        w: ParamId,
+        eps: f32,
+    ) -> Result<Tensor> {
         let s = RmsNorm {
             rows: x.rows,
             dim: x.cols,
@@ -517,7 +532,14 @@ impl<'a, B: Backend, T: Float> Tape<'a, B, T> {
         };
         let mut y = self.b.alloc(x.rows * x.cols)?;
         let mut rstd = self.b.alloc(x.rows)?;
-        norm::rmsnorm_forward(self.b, &s, self.value(x), &params.get(w).value, &mut y, &mut rstd)?;
+        norm::rmsnorm_forward(
+            self.b,
+            &s,
+            self.value(x),
+            &params.get(w).value,
+            &mut y,
+            &mut rstd,
+        )?;
         let grad = self.needs_grad(x) || params.get(w).trainable;
         let t = self.push(x.rows, x.cols, y, Op::RmsNorm { x, w, rstd, eps });
         if !grad {
@@ -545,14 +567,28 @@ impl<'a, B: Backend, T: Float> Tape<'a, B, T> {
         }
         let tokens = x.rows;
         let mut y = self.b.alloc(tokens * d_out)?;
-        gemm(self.b, self.value(x), &wp.value, &mut y, &Gemm::nt(tokens, d_out, d_in))?;
+        gemm(
+            self.b,
+            self.value(x),
+            &wp.value,
+            &mut y,
+            &Gemm::nt(tokens, d_out, d_in),
+        )?;
         let mut saved = None;
         if let Some(l) = lora {
             let (a, bm) = (&params.get(l.a).value, &params.get(l.b).value);
             let mut u = self.b.alloc::<f32>(tokens * l.rank)?;
             let shape = ShrinkDense::new(tokens, d_in, l.rank);
             if l.dropout.p > 0.0 && self.record {
-                dropout::shrink_dense_dropout(self.b, &l.dropout, self.value(x), a, &mut u, &shape, 0)?;
+                dropout::shrink_dense_dropout(
+                    self.b,
+                    &l.dropout,
+                    self.value(x),
+                    a,
+                    &mut u,
+                    &shape,
+                    0,
+                )?;
             } else {
                 shrink_dense(self.b, self.value(x), a, &mut u, &shape)?;
             }
@@ -587,7 +623,11 @@ impl<'a, B: Backend, T: Float> Tape<'a, B, T> {
     /// from the batch.
     pub fn rope(&mut self, x: Tensor, n_heads: usize, theta: f32) -> Result<Tensor> {
         if n_heads == 0 || x.cols % n_heads != 0 {
-            return Err(Error::invalid("n_heads", format!("a divisor of {}", x.cols), n_heads));
+            return Err(Error::invalid(
+                "n_heads",
+                format!("a divisor of {}", x.cols),
+                n_heads,
+            ));
         }
         let shape = Rope {
             tokens: x.rows,
@@ -613,7 +653,13 @@ impl<'a, B: Backend, T: Float> Tape<'a, B, T> {
     }
 
     /// Causal attention with grouped KV heads within each sequence of the batch.
-    pub fn attention(&mut self, q: Tensor, k: Tensor, v: Tensor, shape: Attention) -> Result<Tensor> {
+    pub fn attention(
+        &mut self,
+        q: Tensor,
+        k: Tensor,
+        v: Tensor,
+        shape: Attention,
+    ) -> Result<Tensor> {
         let tokens = q.rows;
         let mut out = self.b.alloc(tokens * q.cols)?;
         let mut lse = self.b.alloc(tokens * shape.n_heads)?;
@@ -636,7 +682,18 @@ impl<'a, B: Backend, T: Float> Tape<'a, B, T> {
             &mut self.fault,
         )?;
         let grad = self.needs_grad(q) || self.needs_grad(k) || self.needs_grad(v);
-        let t = self.push(tokens, q.cols, out, Op::Attention { q, k, v, shape, lse });
+        let t = self.push(
+            tokens,
+            q.cols,
+            out,
+            Op::Attention {
+                q,
+                k,
+                v,
+                shape,
+                lse,
+            },
+        );
         if !grad {
             self.nodes[t.id].op = None;
         }
@@ -704,7 +761,11 @@ impl<'a, B: Backend, T: Float> Tape<'a, B, T> {
         if self.record {
             self.loss = Some((logits, t_buf, lse, counted));
         }
-        Ok(if counted == 0 { 0.0 } else { sum / counted as f64 })
+        Ok(if counted == 0 {
+            0.0
+        } else {
+            sum / counted as f64
+        })
     }
 
     /// Fails if a kernel reported an out-of-range device index since the tape was made.
@@ -737,7 +798,11 @@ impl<'a, B: Backend, T: Float> Tape<'a, B, T> {
         };
         let mut grads: Vec<Option<B::Buffer<T>>> = (0..nodes.len()).map(|_| None).collect();
         let mut d_logits = b.alloc(logits.rows * logits.cols)?;
-        let d_loss = if counted == 0 { 0.0 } else { 1.0 / counted as f32 };
+        let d_loss = if counted == 0 {
+            0.0
+        } else {
+            1.0 / counted as f32
+        };
         loss::cross_entropy_backward(
             b,
             logits.rows,
@@ -787,18 +852,23 @@ fn batch_of<B: Backend>(batch: Option<&Batch<B>>, rows: usize) -> Result<&Batch<
 fn f32_as<B: Backend, T: Float>(u: &B::Buffer<f32>) -> Option<&B::Buffer<T>> {
     // SAFETY: `Float` is sealed and f32 is its only type with DType::F32, so T is f32 and both
     // references have the same type.
-    (T::DTYPE == DType::F32).then(|| unsafe { &*(u as *const B::Buffer<f32>).cast::<B::Buffer<T>>() })
+    (T::DTYPE == DType::F32)
+        .then(|| unsafe { &*(u as *const B::Buffer<f32>).cast::<B::Buffer<T>>() })
 }
 
 /// A `T` buffer as f32: the same buffer when T is f32.
 fn as_f32_mut<B: Backend, T: Float>(x: &mut B::Buffer<T>) -> Option<&mut B::Buffer<f32>> {
     // SAFETY: as in `f32_as`.
-    (T::DTYPE == DType::F32).then(|| unsafe { &mut *(x as *mut B::Buffer<T>).cast::<B::Buffer<f32>>() })
+    (T::DTYPE == DType::F32)
+        .then(|| unsafe { &mut *(x as *mut B::Buffer<T>).cast::<B::Buffer<f32>>() })
 }
 
 /// Converts between element types through host memory (cpu and emu only; used when T is not f32,
 /// e.g. f64 gradient checks on the cpu backend).
-fn convert_on_host<B: Backend, S: Float, D: Float>(b: &B, x: &B::Buffer<S>) -> Result<B::Buffer<D>> {
+fn convert_on_host<B: Backend, S: Float, D: Float>(
+    b: &B,
+    x: &B::Buffer<S>,
+) -> Result<B::Buffer<D>> {
     let host = b.host_slice(x).ok_or(Error::UnsupportedDtype {
         arg: "T",
         backend: b.name(),
@@ -853,10 +923,19 @@ impl<B: Backend, T: Float> Backward<'_, B, T> {
                 let dim = params.get(*table).cols;
                 let tokens = b.len(ids);
                 let mut d_table = b.alloc(vocab * dim)?;
-                let ws_bytes = embedding::embedding_backward_workspace_bytes(b, *vocab, dim, tokens);
+                let ws_bytes =
+                    embedding::embedding_backward_workspace_bytes(b, *vocab, dim, tokens);
                 let mut ws = b.alloc::<u8>(ws_bytes)?;
                 embedding::embedding_backward(
-                    b, *vocab, dim, tokens, ids, &g, &mut d_table, &mut ws, fault,
+                    b,
+                    *vocab,
+                    dim,
+                    tokens,
+                    ids,
+                    &g,
+                    &mut d_table,
+                    &mut ws,
+                    fault,
                 )?;
                 params.accumulate(b, *table, d_table)?;
             }
@@ -894,9 +973,19 @@ impl<B: Backend, T: Float> Backward<'_, B, T> {
                     None
                 };
                 if params.get(*w).trainable {
-                    let beta = if params.get(*w).grad.is_some() { 1.0 } else { 0.0 };
+                    let beta = if params.get(*w).grad.is_some() {
+                        1.0
+                    } else {
+                        0.0
+                    };
                     let dw = params.grad_mut(b, *w)?;
-                    gemm(b, &g, self.value(*x), dw, &Gemm::tn(d_out, d_in, tokens).beta(beta))?;
+                    gemm(
+                        b,
+                        &g,
+                        self.value(*x),
+                        dw,
+                        &Gemm::tn(d_out, d_in, tokens).beta(beta),
+                    )?;
                 }
                 if let Some((l, u)) = lora {
                     self.lora(params, *x, l, u, &g, dx.as_mut(), (tokens, d_in, d_out))?;
@@ -911,7 +1000,13 @@ impl<B: Backend, T: Float> Backward<'_, B, T> {
                 rope::rope_backward(b, shape, &batch.positions, &mut dx, fault)?;
                 self.send(grads, *x, dx)?;
             }
-            Op::Attention { q, k, v, shape, lse } => {
+            Op::Attention {
+                q,
+                k,
+                v,
+                shape,
+                lse,
+            } => {
                 let batch = batch_of(self.batch, q.rows)?;
                 let ab = AttentionBatch {
                     seq_starts: &batch.seq_starts,

@@ -65,18 +65,30 @@ impl Task {
     /// (input, expected output) of one example.
     fn example(self, rng: &mut SplitMix, len: usize) -> (Vec<i32>, Vec<i32>) {
         let letters = |rng: &mut SplitMix| -> Vec<i32> {
-            (0..len).map(|_| LETTER_BASE + rng.below(26) as i32).collect()
+            (0..len)
+                .map(|_| LETTER_BASE + rng.below(26) as i32)
+                .collect()
         };
         let digits = |rng: &mut SplitMix| -> Vec<i32> {
-            (0..len).map(|_| DIGIT_BASE + rng.below(10) as i32).collect()
+            (0..len)
+                .map(|_| DIGIT_BASE + rng.below(10) as i32)
+                .collect()
         };
         match self {
             Task::Copy => {
-                let x = if rng.below(2) == 0 { letters(rng) } else { digits(rng) };
+                let x = if rng.below(2) == 0 {
+                    letters(rng)
+                } else {
+                    digits(rng)
+                };
                 (x.clone(), x)
             }
             Task::Swap => {
-                let x = if rng.below(2) == 0 { letters(rng) } else { digits(rng) };
+                let x = if rng.below(2) == 0 {
+                    letters(rng)
+                } else {
+                    digits(rng)
+                };
                 let mut y = x.clone();
                 for pair in y.chunks_mut(2) {
                     pair.reverse();
@@ -95,7 +107,10 @@ impl Task {
             }
             Task::Shift => {
                 let x = letters(rng);
-                let y = x.iter().map(|&c| LETTER_BASE + (c - LETTER_BASE + 1) % 26).collect();
+                let y = x
+                    .iter()
+                    .map(|&c| LETTER_BASE + (c - LETTER_BASE + 1) % 26)
+                    .collect();
                 (x, y)
             }
         }
@@ -139,7 +154,13 @@ pub fn make_batch(tasks: &[Task], n: usize, len: usize, rng: &mut SplitMix) -> B
         seq.extend_from_slice(&y);
         // Position i predicts token i + 1; only the answer is scored.
         let targets: Vec<i32> = (0..seq.len())
-            .map(|i| if i + 1 >= prompt_len && i + 1 < seq.len() { seq[i + 1] } else { -1 })
+            .map(|i| {
+                if i + 1 >= prompt_len && i + 1 < seq.len() {
+                    seq[i + 1]
+                } else {
+                    -1
+                }
+            })
             .collect();
         batch.lens.push(seq.len());
         batch.tokens.extend_from_slice(&seq);
@@ -182,9 +203,17 @@ impl DemoConfig {
                 norm_eps: 1e-5,
             },
             lora: LoraConfig {
-                target_modules: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-                    .map(String::from)
-                    .to_vec(),
+                target_modules: [
+                    "q_proj",
+                    "k_proj",
+                    "v_proj",
+                    "o_proj",
+                    "gate_proj",
+                    "up_proj",
+                    "down_proj",
+                ]
+                .map(String::from)
+                .to_vec(),
                 r: 8,
                 lora_alpha: 16.0,
                 lora_dropout: 0.05,
@@ -327,7 +356,12 @@ pub fn train<B: Backend>(
     for step in 0..steps {
         // Each step's data and dropout masks depend only on (seed, step): a run resumed from a
         // checkpoint sees the same batches.
-        let batch = make_batch(tasks, cfg.batch, cfg.len, &mut SplitMix::new(step_seed(seed, step)));
+        let batch = make_batch(
+            tasks,
+            cfg.batch,
+            cfg.len,
+            &mut SplitMix::new(step_seed(seed, step)),
+        );
         tokens += batch.tokens.len();
         let opt = adamw(lr_at(lr, step, steps));
         let loss = train_step(b, model, &batch, &opt, step_seed(seed, step))?;
@@ -359,8 +393,13 @@ pub fn trainable_line(trainable: usize, all: usize) -> String {
 }
 
 /// Runs the whole demo on backend `b`.
-pub fn run<B: Backend + 'static>(b: &B, cfg: &DemoConfig, progress: &mut dyn Progress) -> Result<Report> {
-    std::fs::create_dir_all(&cfg.out_dir).map_err(|e| Error::invalid("out_dir", "a writable directory", e.to_string()))?;
+pub fn run<B: Backend + 'static>(
+    b: &B,
+    cfg: &DemoConfig,
+    progress: &mut dyn Progress,
+) -> Result<Report> {
+    std::fs::create_dir_all(&cfg.out_dir)
+        .map_err(|e| Error::invalid("out_dir", "a writable directory", e.to_string()))?;
     let mut model = TinyLm::<B, f32>::new(b, cfg.model, cfg.seed)?;
     let (n_train, n_all) = model.params.counts();
     progress.say(&format!("backend: {}", b.name()));
@@ -368,8 +407,16 @@ pub fn run<B: Backend + 'static>(b: &B, cfg: &DemoConfig, progress: &mut dyn Pro
 
     let train_start = Instant::now();
     progress.start("pretrain (copy, swap)", cfg.pretrain_steps);
-    let (pretrain_losses, mut train_tokens) =
-        train(b, &mut model, &PRETRAIN_TASKS, cfg, cfg.pretrain_steps, cfg.pretrain_lr, cfg.seed, progress)?;
+    let (pretrain_losses, mut train_tokens) = train(
+        b,
+        &mut model,
+        &PRETRAIN_TASKS,
+        cfg,
+        cfg.pretrain_steps,
+        cfg.pretrain_lr,
+        cfg.seed,
+        progress,
+    )?;
     progress.finish();
     debug_assert_eq!(n_train, n_all);
 
@@ -379,25 +426,41 @@ pub fn run<B: Backend + 'static>(b: &B, cfg: &DemoConfig, progress: &mut dyn Pro
         let seed = cfg.seed + 101 * (i as u64 + 1);
         model.attach_lora(b, cfg.lora.clone(), seed)?;
         let (t, a) = model.params.counts();
-        progress.say(&format!("adapter `{}`: {}", task.name(), trainable_line(t, a)));
+        progress.say(&format!(
+            "adapter `{}`: {}",
+            task.name(),
+            trainable_line(t, a)
+        ));
         progress.start(&format!("adapter {}", task.name()), cfg.adapter_steps);
-        let (losses, tokens) = train(b, &mut model, &[*task], cfg, cfg.adapter_steps, cfg.adapter_lr, seed, progress)?;
+        let (losses, tokens) = train(
+            b,
+            &mut model,
+            &[*task],
+            cfg,
+            cfg.adapter_steps,
+            cfg.adapter_lr,
+            seed,
+            progress,
+        )?;
         progress.finish();
         train_tokens += tokens;
         adapter_losses.push(losses);
         let peft = model.export_peft(b)?;
         let dir = cfg.out_dir.join(format!("adapter-{}", task.name()));
-        peft.save(&dir).map_err(|e| Error::invalid("adapter dir", "writable", e.to_string()))?;
+        peft.save(&dir)
+            .map_err(|e| Error::invalid("adapter dir", "writable", e.to_string()))?;
         adapters.push((*task, dir));
         model.detach_lora();
     }
     let train_secs = train_start.elapsed().as_secs_f64();
 
     // Serve: load the saved adapters into a registry and run one mixed batch.
-    let mut registry = AdapterRegistry::<B, f32>::new(b, registry_layers(&cfg.model), adapters.len(), cfg.lora.r)?;
+    let mut registry =
+        AdapterRegistry::<B, f32>::new(b, registry_layers(&cfg.model), adapters.len(), cfg.lora.r)?;
     let mut loaded = Vec::new();
     for (task, dir) in &adapters {
-        let peft = PeftAdapter::load(dir).map_err(|e| Error::invalid("adapter", "a loadable PEFT adapter", e.to_string()))?;
+        let peft = PeftAdapter::load(dir)
+            .map_err(|e| Error::invalid("adapter", "a loadable PEFT adapter", e.to_string()))?;
         let id = registry.add(b, task.name(), &peft)?;
         loaded.push((*task, id, peft));
     }
@@ -451,7 +514,9 @@ pub fn run<B: Backend + 'static>(b: &B, cfg: &DemoConfig, progress: &mut dyn Pro
                 }
             })
             .collect();
-        let unmerged = engine.generate(b, Some(&registry), &prompts, 1)?.prefill_logits;
+        let unmerged = engine
+            .generate(b, Some(&registry), &prompts, 1)?
+            .prefill_logits;
         let plain: Vec<Request> = prompts
             .iter()
             .map(|r| Request {
@@ -459,8 +524,12 @@ pub fn run<B: Backend + 'static>(b: &B, cfg: &DemoConfig, progress: &mut dyn Pro
                 adapter: None,
             })
             .collect();
-        let merged = Engine::merged(b, &model, peft)?.generate(b, None, &plain, 1)?.prefill_logits;
-        let max_abs = unmerged.iter().fold(0.0f64, |m, &v| m.max((v as f64).abs()));
+        let merged = Engine::merged(b, &model, peft)?
+            .generate(b, None, &plain, 1)?
+            .prefill_logits;
+        let max_abs = unmerged
+            .iter()
+            .fold(0.0f64, |m, &v| m.max((v as f64).abs()));
         let max_diff = unmerged
             .iter()
             .zip(&merged)

@@ -140,7 +140,7 @@ fn backward_params(vocab: usize, dim: usize, tokens: usize) -> sys::LkEmbeddingB
 }
 
 /// Bytes of workspace [`embedding_backward`] needs (0 on cpu): the sort's keys, values and digit
-/// histograms (about `16 · tokens` bytes).
+/// histograms (about `20 · tokens` bytes).
 pub fn embedding_backward_workspace_bytes<B: Backend>(
     b: &B,
     vocab: usize,

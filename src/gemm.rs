@@ -283,7 +283,8 @@ pub mod reference {
             }
             for j in 0..s.n {
                 let col = &bt[j * s.k..(j + 1) * s.k];
-                let acc: f64 = arow.iter().zip(col).map(|(x, y)| x * y).sum();
+                // fold from +0 as the kernels' accumulators do (`sum` starts at −0).
+                let acc = arow.iter().zip(col).fold(0.0f64, |s, (x, y)| s + x * y);
                 let dst = &mut c[i * s.ldc + j];
                 let v = if s.beta == 0.0 {
                     alpha * acc

@@ -90,13 +90,25 @@ impl LlamaConfig {
     }
     fn validate(&self) -> Result<()> {
         if self.n_heads == 0 || self.d_model % self.n_heads != 0 {
-            return Err(Error::invalid("n_heads", "a divisor of d_model", self.n_heads));
+            return Err(Error::invalid(
+                "n_heads",
+                "a divisor of d_model",
+                self.n_heads,
+            ));
         }
         if self.n_kv_heads == 0 || self.n_heads % self.n_kv_heads != 0 {
-            return Err(Error::invalid("n_kv_heads", "a divisor of n_heads", self.n_kv_heads));
+            return Err(Error::invalid(
+                "n_kv_heads",
+                "a divisor of n_heads",
+                self.n_kv_heads,
+            ));
         }
         if self.vocab == 0 || self.n_layers == 0 || self.d_ff == 0 {
-            return Err(Error::invalid("config", "non-zero sizes", format!("{self:?}")));
+            return Err(Error::invalid(
+                "config",
+                "non-zero sizes",
+                format!("{self:?}"),
+            ));
         }
         Ok(())
     }
@@ -189,29 +201,54 @@ impl<B: Backend, T: Float> TinyLm<B, T> {
         cfg.validate()?;
         let mut params = Params::new();
         let mut n = 0u64;
-        let mut init = |params: &mut Params<B, T>, name: String, rows: usize, cols: usize, bound: f64| {
-            n += 1;
-            let data: Vec<T> = if bound == 0.0 {
-                vec![T::from_f64(1.0); rows * cols]
-            } else {
-                uniform(seed ^ n.wrapping_mul(0x1000_0001), rows * cols, bound)
-                    .into_iter()
-                    .map(T::from_f64)
-                    .collect()
+        let mut init =
+            |params: &mut Params<B, T>, name: String, rows: usize, cols: usize, bound: f64| {
+                n += 1;
+                let data: Vec<T> = if bound == 0.0 {
+                    vec![T::from_f64(1.0); rows * cols]
+                } else {
+                    uniform(seed ^ n.wrapping_mul(0x1000_0001), rows * cols, bound)
+                        .into_iter()
+                        .map(T::from_f64)
+                        .collect()
+                };
+                params.add(b, name, rows, cols, &data, true)
             };
-            params.add(b, name, rows, cols, &data, true)
-        };
         let d = cfg.d_model;
-        let embed = init(&mut params, "model.embed_tokens.weight".into(), cfg.vocab, d, 1.0)?;
+        let embed = init(
+            &mut params,
+            "model.embed_tokens.weight".into(),
+            cfg.vocab,
+            d,
+            1.0,
+        )?;
         let mut layers = Vec::new();
         for l in 0..cfg.n_layers {
-            let attn_norm = init(&mut params, format!("model.layers.{l}.input_layernorm.weight"), 1, d, 0.0)?;
+            let attn_norm = init(
+                &mut params,
+                format!("model.layers.{l}.input_layernorm.weight"),
+                1,
+                d,
+                0.0,
+            )?;
             let mut proj = [ParamId(0); 7];
             for (m, id) in proj.iter_mut().enumerate() {
                 let (d_out, d_in) = cfg.projection_shape(m);
-                *id = init(&mut params, format!("{}.weight", module_name(l, m)), d_out, d_in, 1.0 / (d_in as f64).sqrt())?;
+                *id = init(
+                    &mut params,
+                    format!("{}.weight", module_name(l, m)),
+                    d_out,
+                    d_in,
+                    1.0 / (d_in as f64).sqrt(),
+                )?;
             }
-            let mlp_norm = init(&mut params, format!("model.layers.{l}.post_attention_layernorm.weight"), 1, d, 0.0)?;
+            let mlp_norm = init(
+                &mut params,
+                format!("model.layers.{l}.post_attention_layernorm.weight"),
+                1,
+                d,
+                0.0,
+            )?;
             layers.push(LayerIds {
                 attn_norm,
                 proj,
@@ -219,7 +256,13 @@ impl<B: Backend, T: Float> TinyLm<B, T> {
             });
         }
         let final_norm = init(&mut params, "model.norm.weight".into(), 1, d, 0.0)?;
-        let lm_head = init(&mut params, "lm_head.weight".into(), cfg.vocab, d, 1.0 / (d as f64).sqrt())?;
+        let lm_head = init(
+            &mut params,
+            "lm_head.weight".into(),
+            cfg.vocab,
+            d,
+            1.0 / (d as f64).sqrt(),
+        )?;
         let base_len = params.len();
         Ok(TinyLm {
             cfg,
@@ -237,10 +280,18 @@ impl<B: Backend, T: Float> TinyLm<B, T> {
     /// and freezes the base. Replaces an attached adapter.
     pub fn attach_lora(&mut self, b: &B, cfg: LoraConfig, seed: u64) -> Result<()> {
         if cfg.r == 0 || cfg.r > crate::adapter::MAX_RANK {
-            return Err(Error::invalid("r", format!("1 to {}", crate::adapter::MAX_RANK), cfg.r));
+            return Err(Error::invalid(
+                "r",
+                format!("1 to {}", crate::adapter::MAX_RANK),
+                cfg.r,
+            ));
         }
         if !(0.0..1.0).contains(&cfg.lora_dropout) {
-            return Err(Error::invalid("lora_dropout", "a probability in [0, 1)", cfg.lora_dropout));
+            return Err(Error::invalid(
+                "lora_dropout",
+                "a probability in [0, 1)",
+                cfg.lora_dropout,
+            ));
         }
         self.detach_lora();
         let base = self.base_len;
@@ -254,17 +305,32 @@ impl<B: Backend, T: Float> TinyLm<B, T> {
                     continue;
                 }
                 let (d_out, d_in) = self.cfg.projection_shape(m);
-                let a: Vec<T> = uniform(seed ^ ((l * 7 + m) as u64 + 1).wrapping_mul(0x2545_F491), cfg.r * d_in, 1.0 / (d_in as f64).sqrt())
-                    .into_iter()
-                    .map(T::from_f64)
-                    .collect();
-                let ia = self.params.add(b, format!("{name}.lora_A.weight"), cfg.r, d_in, &a, true)?;
-                let ib = self.params.add(b, format!("{name}.lora_B.weight"), d_out, cfg.r, &vec![T::from_f64(0.0); d_out * cfg.r], true)?;
+                let a: Vec<T> = uniform(
+                    seed ^ ((l * 7 + m) as u64 + 1).wrapping_mul(0x2545_F491),
+                    cfg.r * d_in,
+                    1.0 / (d_in as f64).sqrt(),
+                )
+                .into_iter()
+                .map(T::from_f64)
+                .collect();
+                let ia =
+                    self.params
+                        .add(b, format!("{name}.lora_A.weight"), cfg.r, d_in, &a, true)?;
+                let ib = self.params.add(
+                    b,
+                    format!("{name}.lora_B.weight"),
+                    d_out,
+                    cfg.r,
+                    &vec![T::from_f64(0.0); d_out * cfg.r],
+                    true,
+                )?;
                 *link = Some((ia, ib));
             }
             links.push(row);
         }
-        debug_assert!(self.params.len() > base || links.iter().all(|r| r.iter().all(Option::is_none)));
+        debug_assert!(
+            self.params.len() > base || links.iter().all(|r| r.iter().all(Option::is_none))
+        );
         self.adapter = Some(Attached { cfg, links });
         Ok(())
     }
@@ -302,14 +368,22 @@ impl<B: Backend, T: Float> TinyLm<B, T> {
 
     /// Logits `[tokens, vocab]` of a packed batch, recorded on `tape`. `step_seed` seeds the LoRA
     /// dropout masks (each module its own Philox offset).
-    pub fn forward(&self, tape: &mut Tape<'_, B, T>, tokens: &[i32], lens: &[usize], step_seed: u64) -> Result<Tensor> {
+    pub fn forward(
+        &self,
+        tape: &mut Tape<'_, B, T>,
+        tokens: &[i32],
+        lens: &[usize],
+        step_seed: u64,
+    ) -> Result<Tensor> {
         let c = &self.cfg;
         let p = &self.params;
         tape.set_batch(lens)?;
         let mut x = tape.embedding(p, self.embed, tokens)?;
         for (l, ids) in self.layers.iter().enumerate() {
             let h = tape.rmsnorm(p, x, ids.attn_norm, c.norm_eps)?;
-            let lin = |tape: &mut Tape<'_, B, T>, h: Tensor, m: usize| tape.linear(p, h, ids.proj[m], self.link(l, m, step_seed));
+            let lin = |tape: &mut Tape<'_, B, T>, h: Tensor, m: usize| {
+                tape.linear(p, h, ids.proj[m], self.link(l, m, step_seed))
+            };
             let q = lin(tape, h, Q)?;
             let k = lin(tape, h, K)?;
             let v = lin(tape, h, V)?;
@@ -341,7 +415,13 @@ impl<B: Backend, T: Float> TinyLm<B, T> {
         let (step, state) = self.params.state(b)?;
         let bytes: Vec<(String, Vec<u8>, usize)> = state
             .iter()
-            .map(|(name, v)| (name.clone(), v.iter().flat_map(|x| x.to_le_bytes()).collect(), v.len()))
+            .map(|(name, v)| {
+                (
+                    name.clone(),
+                    v.iter().flat_map(|x| x.to_le_bytes()).collect(),
+                    v.len(),
+                )
+            })
             .collect();
         let views = bytes
             .iter()
@@ -360,9 +440,12 @@ impl<B: Backend, T: Float> TinyLm<B, T> {
     /// Restores [`TinyLm::save_checkpoint`] into a model of the same configuration (and the same
     /// attached adapter, if any).
     pub fn load_checkpoint(&mut self, b: &B, path: &std::path::Path) -> Result<()> {
-        let bytes = std::fs::read(path).map_err(|e| Error::invalid("path", "readable", e.to_string()))?;
-        let bad = |e: String| Error::invalid("checkpoint", "a checkpoint written by save_checkpoint", e);
-        let (_, meta) = safetensors::SafeTensors::read_metadata(&bytes).map_err(|e| bad(e.to_string()))?;
+        let bytes =
+            std::fs::read(path).map_err(|e| Error::invalid("path", "readable", e.to_string()))?;
+        let bad =
+            |e: String| Error::invalid("checkpoint", "a checkpoint written by save_checkpoint", e);
+        let (_, meta) =
+            safetensors::SafeTensors::read_metadata(&bytes).map_err(|e| bad(e.to_string()))?;
         let step: u32 = meta
             .metadata()
             .as_ref()
@@ -398,7 +481,10 @@ impl<B: Backend, T: Float> TinyLm<B, T> {
                 let Some((a, bb)) = link else { continue };
                 let (d_out, d_in) = self.cfg.projection_shape(m);
                 let host = |id: &ParamId| -> Result<Vec<f32>> {
-                    Ok(b.download(&self.params.get(*id).value)?.iter().map(|v| v.to_f32()).collect())
+                    Ok(b.download(&self.params.get(*id).value)?
+                        .iter()
+                        .map(|v| v.to_f32())
+                        .collect())
                 };
                 modules.push(LoraModule {
                     name: module_name(l, m),
@@ -489,9 +575,12 @@ impl<'m, B: Backend + 'static> Engine<'m, B> {
         let mut e = Engine::new(model);
         for l in 0..model.cfg.n_layers {
             for m in 0..7 {
-                let Some(module) = adapter.module(&module_name(l, m)) else { continue };
+                let Some(module) = adapter.module(&module_name(l, m)) else {
+                    continue;
+                };
                 let (d_out, d_in) = model.cfg.projection_shape(m);
-                let mut w = b.upload(&b.download(&model.params.get(model.layers[l].proj[m]).value)?)?;
+                let mut w =
+                    b.upload(&b.download(&model.params.get(model.layers[l].proj[m]).value)?)?;
                 let a = b.upload(&module.a.to_f32())?;
                 let bm = b.upload(&module.b.to_f32())?;
                 let lora = Lora::packed(&a, &bm, module.rank, d_in, module.scale_f32());
@@ -534,19 +623,30 @@ impl<'m, B: Backend + 'static> Engine<'m, B> {
                     return Err(Error::invalid("adapter", "a loaded registry slot", id));
                 }
             } else if r.adapter.is_some() {
-                return Err(Error::invalid("adapter", "a registry to serve adapters from", "none"));
+                return Err(Error::invalid(
+                    "adapter",
+                    "a registry to serve adapters from",
+                    "none",
+                ));
             }
         }
         let capacity = requests.iter().map(|r| r.prompt.len()).max().unwrap_or(0) + max_new;
         let mut cache = KvCache {
-            k: (0..cfg.n_layers).map(|_| b.alloc(n * capacity * cfg.kv_dim())).collect::<Result<_>>()?,
-            v: (0..cfg.n_layers).map(|_| b.alloc(n * capacity * cfg.kv_dim())).collect::<Result<_>>()?,
+            k: (0..cfg.n_layers)
+                .map(|_| b.alloc(n * capacity * cfg.kv_dim()))
+                .collect::<Result<_>>()?,
+            v: (0..cfg.n_layers)
+                .map(|_| b.alloc(n * capacity * cfg.kv_dim()))
+                .collect::<Result<_>>()?,
         };
         let mut fault = b.alloc::<u32>(1)?;
 
         // Prefill: every prompt token, packed, SGMV for the adapters.
         let lens: Vec<usize> = requests.iter().map(|r| r.prompt.len()).collect();
-        let tokens: Vec<i32> = requests.iter().flat_map(|r| r.prompt.iter().copied()).collect();
+        let tokens: Vec<i32> = requests
+            .iter()
+            .flat_map(|r| r.prompt.iter().copied())
+            .collect();
         let positions: Vec<i32> = lens.iter().flat_map(|&l| 0..l as i32).collect();
         let slots: Vec<i32> = lens
             .iter()
@@ -580,19 +680,25 @@ impl<'m, B: Backend + 'static> Engine<'m, B> {
         let mut processed = tokens.len();
 
         // Decode: one token per request per step, BGMV for the adapters.
-        let seq_adapter: Vec<i32> = requests.iter().map(|r| r.adapter.map_or(-1, |a| a as i32)).collect();
-        let seq_adapter = b.upload(&seq_adapter)?;
+        let seq_adapter: Vec<i32> = requests
+            .iter()
+            .map(|r| r.adapter.map_or(-1, |a| a as i32))
+            .collect();
         let starts_kv: Vec<i32> = (0..n).map(|s| (s * capacity) as i32).collect();
         let kv_start = b.upload(&starts_kv)?;
         for i in 1..max_new {
             let pos: Vec<i32> = lens.iter().map(|&l| (l + i - 1) as i32).collect();
-            let slots: Vec<i32> = pos.iter().enumerate().map(|(s, &p)| (s * capacity) as i32 + p).collect();
+            let slots: Vec<i32> = pos
+                .iter()
+                .enumerate()
+                .map(|(s, &p)| (s * capacity) as i32 + p)
+                .collect();
             let kv_len: Vec<i32> = pos.iter().map(|&p| p + 1).collect();
             let step = Step {
                 tokens: n,
                 positions: b.upload(&pos)?,
                 slots: b.upload(&slots)?,
-                adapter_ids: b.upload(&b.download(&seq_adapter)?)?,
+                adapter_ids: b.upload(&seq_adapter)?,
                 kind: StepKind::Decode {
                     kv_start: &kv_start,
                     kv_len: b.upload(&kv_len)?,
@@ -608,7 +714,11 @@ impl<'m, B: Backend + 'static> Engine<'m, B> {
         }
         let f = b.download(&fault)?[0];
         if f != 0 {
-            return Err(Error::invalid("serving indices", "in range", format!("fault word {f:#x}")));
+            return Err(Error::invalid(
+                "serving indices",
+                "in range",
+                format!("fault word {f:#x}"),
+            ));
         }
         Ok(Generation {
             tokens: out,
@@ -617,7 +727,13 @@ impl<'m, B: Backend + 'static> Engine<'m, B> {
         })
     }
 
-    fn argmax(&self, b: &B, logits: &B::Buffer<f32>, rows: usize, pick: &[usize]) -> Result<Vec<i32>> {
+    fn argmax(
+        &self,
+        b: &B,
+        logits: &B::Buffer<f32>,
+        rows: usize,
+        pick: &[usize],
+    ) -> Result<Vec<i32>> {
         let mut out = b.alloc::<i32>(rows)?;
         loss::argmax_rows(b, rows, self.model.cfg.vocab, logits, &mut out)?;
         let all = b.download(&out)?;
@@ -674,13 +790,39 @@ impl<'m, B: Backend + 'static> Engine<'m, B> {
             let mut k = lin(l, K, &h)?;
             let v = lin(l, V, &h)?;
             let hd = cfg.head_dim();
-            rope::rope_forward(b, &Rope { tokens: t, n_heads: cfg.n_heads, head_dim: hd, theta: cfg.rope_theta }, &step.positions, &mut q, fault)?;
-            rope::rope_forward(b, &Rope { tokens: t, n_heads: cfg.n_kv_heads, head_dim: hd, theta: cfg.rope_theta }, &step.positions, &mut k, fault)?;
+            rope::rope_forward(
+                b,
+                &Rope {
+                    tokens: t,
+                    n_heads: cfg.n_heads,
+                    head_dim: hd,
+                    theta: cfg.rope_theta,
+                },
+                &step.positions,
+                &mut q,
+                fault,
+            )?;
+            rope::rope_forward(
+                b,
+                &Rope {
+                    tokens: t,
+                    n_heads: cfg.n_kv_heads,
+                    head_dim: hd,
+                    theta: cfg.rope_theta,
+                },
+                &step.positions,
+                &mut k,
+                fault,
+            )?;
             attention::kv_cache_write(b, cfg.kv_dim(), t, &k, &step.slots, &mut cache.k[l], fault)?;
             attention::kv_cache_write(b, cfg.kv_dim(), t, &v, &step.slots, &mut cache.v[l], fault)?;
             let mut a = b.alloc::<f32>(t * d)?;
             match &step.kind {
-                StepKind::Prefill { seq_starts, n_seqs, max_len } => {
+                StepKind::Prefill {
+                    seq_starts,
+                    n_seqs,
+                    max_len,
+                } => {
                     let batch = AttentionBatch {
                         seq_starts,
                         n_seqs: *n_seqs,
@@ -688,12 +830,44 @@ impl<'m, B: Backend + 'static> Engine<'m, B> {
                         max_seq_len: *max_len,
                     };
                     let mut lse = b.alloc::<f32>(t * cfg.n_heads)?;
-                    attention::attention_forward(b, &cfg.attention(), &batch, &q, &k, &v, &mut a, &mut lse, fault)?;
+                    attention::attention_forward(
+                        b,
+                        &cfg.attention(),
+                        &batch,
+                        &q,
+                        &k,
+                        &v,
+                        &mut a,
+                        &mut lse,
+                        fault,
+                    )?;
                 }
-                StepKind::Decode { kv_start, kv_len, max_kv_len } => {
-                    let ws_bytes = attention::attention_decode_workspace_bytes(b, &cfg.attention(), t, *max_kv_len);
+                StepKind::Decode {
+                    kv_start,
+                    kv_len,
+                    max_kv_len,
+                } => {
+                    let ws_bytes = attention::attention_decode_workspace_bytes(
+                        b,
+                        &cfg.attention(),
+                        t,
+                        *max_kv_len,
+                    );
                     let mut ws = b.alloc::<u8>(ws_bytes)?;
-                    attention::attention_decode(b, &cfg.attention(), t, *max_kv_len, &q, &cache.k[l], &cache.v[l], kv_start, kv_len, &mut a, &mut ws, fault)?;
+                    attention::attention_decode(
+                        b,
+                        &cfg.attention(),
+                        t,
+                        *max_kv_len,
+                        &q,
+                        &cache.k[l],
+                        &cache.v[l],
+                        kv_start,
+                        kv_len,
+                        &mut a,
+                        &mut ws,
+                        fault,
+                    )?;
                 }
             }
             let o = lin(l, O, &a)?;
@@ -708,7 +882,13 @@ impl<'m, B: Backend + 'static> Engine<'m, B> {
         }
         let h = norm(&x, self.model.final_norm)?;
         let mut logits = b.alloc::<f32>(t * cfg.vocab)?;
-        gemm(b, &h, &p.get(self.model.lm_head).value, &mut logits, &Gemm::nt(t, cfg.vocab, d))?;
+        gemm(
+            b,
+            &h,
+            &p.get(self.model.lm_head).value,
+            &mut logits,
+            &Gemm::nt(t, cfg.vocab, d),
+        )?;
         Ok(logits)
     }
 }
@@ -773,7 +953,8 @@ impl<'r, 'c, B: Backend + 'static> LoraRouting<'r, 'c, B> {
                 let sgmv = Sgmv::new(table, plan);
                 let mut ws = b.alloc::<u8>(sgmv.shrink_workspace_bytes::<f32>(b, d_in))?;
                 sgmv.shrink(b, h, d_in, &mut u, &mut ws, None)?;
-                let mut ws = b.alloc::<u8>(sgmv.expand_workspace_bytes::<f32>(b, d_out, ExpandMode::Add))?;
+                let mut ws =
+                    b.alloc::<u8>(sgmv.expand_workspace_bytes::<f32>(b, d_out, ExpandMode::Add))?;
                 sgmv.expand(b, &u, y, d_out, ExpandMode::Add, &mut ws, None)
             }
             None => {

@@ -3,18 +3,19 @@
 //! x is `[tokens, n_heads · head_dim]` packed row-major; positions i32 `[tokens]` (device-resident).
 //! For head h and `i < head_dim/2` the pair `(a, b) = (x[t, h·hd + i], x[t, h·hd + i + hd/2])` is
 //! rotated by `angle = f32(pos) · inv_freq[i]` (an f32 product) with
-//! `inv_freq[i] = f32(θ^(−2i/hd))` computed in f64 ([`inv_freq`]; the kernels compute the same
-//! double-precision power and round it to f32):
+//! `inv_freq[i] = f32(θ^(−2i/hd))` computed in f64 as `exp(−2i · ln(θ)/hd)` ([`inv_freq`]; the kernels
+//! evaluate the same f64 expression, with `ln(θ)/hd` from the host, and round it to f32):
 //! forward `(a, b) → (a·cos − b·sin, b·cos + a·sin)`; backward uses `−angle` (the transposed
 //! rotation, i.e. the gradient of the forward).
 //!
 //! A negative position skips the token (its row untouched) and ORs
 //! [`crate::adapter::fault::INDEX`] into `fault[0]`.
 //!
-//! Precision: the kernels take sin/cos of the f32 angle in f32 (IEEE-accurate `sincosf`, not the
-//! fast intrinsics, so large positions stay accurate) and rotate in f32; the cpu [`reference`] takes
-//! sin/cos of the same f32 angle in f64. So both rotate by the same angle and differ only by
-//! rounding: `|Δ| ≤ ~4 · 2⁻²⁴ · (|a| + |b|)` plus the final rounding to T.
+//! Precision: the kernels take sin/cos of the f32 angle with a double-precision reduction and
+//! polynomials (≈ correctly rounded to f32; no fast intrinsics, and large positions stay accurate)
+//! and rotate in f32; the cpu [`reference`] takes sin/cos of the same f32 angle in f64. So both
+//! rotate by the same angle and differ only by rounding: `|Δ| ≤ ~4 · 2⁻²⁴ · (|a| + |b|)` plus the
+//! final rounding to T.
 
 use crate::backend::Backend;
 use crate::dtype::{DType, Float};
@@ -88,9 +89,12 @@ impl Rope {
     }
 }
 
-/// `inv_freq[i] = θ^(−2i/head_dim)` computed in f64, rounded to f32 (what the kernels use).
+/// `inv_freq[i] = θ^(−2i/head_dim)`, evaluated as the kernels do: `exp(−2i · c)` in f64 with
+/// `c = ln(θ) / head_dim` (f64), rounded to f32. (The f64 value is within a few f64 ulps of the exact
+/// power, so its f32 rounding is the exact power's except in astronomically rare near-ties.)
 pub fn inv_freq(theta: f32, head_dim: usize, i: usize) -> f32 {
-    (theta as f64).powf(-((2 * i) as f64) / head_dim as f64) as f32
+    let c = (theta as f64).ln() / head_dim as f64;
+    (-((2 * i) as f64) * c).exp() as f32
 }
 
 /// The rotation angle of position `pos`, pair `i`: the f32 product `f32(pos) · inv_freq[i]`.

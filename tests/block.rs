@@ -5,14 +5,13 @@
 
 mod common;
 
+use common::block::*;
+
 use lora_kernels::attention::Attention;
 use lora_kernels::autograd::{LoraLink, ParamId, Params, Tape, Tensor};
 use lora_kernels::demo::{self, make_batch, step_seed, DemoConfig, SplitMix, Task};
 use lora_kernels::dropout::Dropout;
-use lora_kernels::model::{
-    registry_layers, uniform, Batch, Engine, LlamaConfig, LoraConfig, Request, TinyLm,
-};
-use lora_kernels::registry::AdapterRegistry;
+use lora_kernels::model::{uniform, Batch, LlamaConfig, LoraConfig, TinyLm};
 use lora_kernels::{Backend, Cpu, Emu, Result};
 
 type P = Params<Cpu, f64>;
@@ -51,21 +50,37 @@ fn grad_check_on<S>(
     loss(&mut tape, state).unwrap();
     tape.backward(params_of(state)).unwrap();
     let params = params_of(state);
-    let ids: Vec<ParamId> = (0..params.len()).map(ParamId).filter(|&i| params.get(i).trainable).collect();
+    let ids: Vec<ParamId> = (0..params.len())
+        .map(ParamId)
+        .filter(|&i| params.get(i).trainable)
+        .collect();
     assert!(!ids.is_empty());
     let mut checked = 0;
     for id in ids {
         let params = params_of(state);
         let n = params.get(id).len();
-        let grad = b.download(params.get(id).grad.as_ref().expect("a trainable parameter got a gradient")).unwrap();
+        let grad = b
+            .download(
+                params
+                    .get(id)
+                    .grad
+                    .as_ref()
+                    .expect("a trainable parameter got a gradient"),
+            )
+            .unwrap();
         let value = b.download(&params.get(id).value).unwrap();
         // Up to 12 elements per parameter, spread over it.
-        let picks: Vec<usize> = if n <= 12 { (0..n).collect() } else { (0..12).map(|i| i * n / 12 + (i % 3)).collect() };
+        let picks: Vec<usize> = if n <= 12 {
+            (0..n).collect()
+        } else {
+            (0..12).map(|i| i * n / 12 + (i % 3)).collect()
+        };
         for e in picks {
             let mut eval = |v: f64| -> f64 {
                 let mut w = value.clone();
                 w[e] = v;
-                b.write(&mut params_of(state).get_mut(id).value, &w).unwrap();
+                b.write(&mut params_of(state).get_mut(id).value, &w)
+                    .unwrap();
                 let mut tape = Tape::new(&b).unwrap();
                 loss(&mut tape, state).unwrap()
             };
@@ -100,12 +115,28 @@ fn base_params(extra: &[(&str, usize, usize)]) -> P {
 fn base_params_with_head(head_in: usize, extra: &[(&str, usize, usize)]) -> P {
     let b = Cpu;
     let mut p = P::new();
-    p.add(&b, "embed", VOCAB, D, &random(1, VOCAB * D, 1.0), true).unwrap();
-    p.add(&b, "head", VOCAB, head_in, &random(2, VOCAB * head_in, 0.3), true).unwrap();
+    p.add(&b, "embed", VOCAB, D, &random(1, VOCAB * D, 1.0), true)
+        .unwrap();
+    p.add(
+        &b,
+        "head",
+        VOCAB,
+        head_in,
+        &random(2, VOCAB * head_in, 0.3),
+        true,
+    )
+    .unwrap();
     for (i, (name, r, c)) in extra.iter().enumerate() {
-        let bound = if name.starts_with("norm") { 0.0 } else { 1.0 / (*c as f64).sqrt() };
+        let bound = if name.starts_with("norm") {
+            0.0
+        } else {
+            1.0 / (*c as f64).sqrt()
+        };
         let data: Vec<f64> = if bound == 0.0 {
-            random(10 + i as u64, r * c, 0.5).iter().map(|v| 1.0 + v).collect()
+            random(10 + i as u64, r * c, 0.5)
+                .iter()
+                .map(|v| 1.0 + v)
+                .collect()
         } else {
             random(10 + i as u64, r * c, bound)
         };
@@ -123,11 +154,21 @@ fn ids() -> Vec<i32> {
 
 fn targets() -> Vec<i32> {
     let n: usize = LENS.iter().sum();
-    (0..n).map(|i| if i % 5 == 2 { -1 } else { ((i * 3 + 1) % VOCAB) as i32 }).collect()
+    (0..n)
+        .map(|i| {
+            if i % 5 == 2 {
+                -1
+            } else {
+                ((i * 3 + 1) % VOCAB) as i32
+            }
+        })
+        .collect()
 }
 
 /// embed → f → head → mean cross-entropy.
-fn graph(f: impl Fn(&mut Tape<'_, Cpu, f64>, &P, Tensor) -> Result<Tensor>) -> impl Fn(&mut Tape<'_, Cpu, f64>, &P) -> Result<f64> {
+fn graph(
+    f: impl Fn(&mut Tape<'_, Cpu, f64>, &P, Tensor) -> Result<Tensor>,
+) -> impl Fn(&mut Tape<'_, Cpu, f64>, &P) -> Result<f64> {
     move |tape, p| {
         tape.set_batch(&LENS)?;
         let x = tape.embedding(p, p.id("embed").unwrap(), &ids())?;
@@ -157,7 +198,12 @@ fn exact_loss(tape: &mut Tape<'_, Cpu, f64>, logits: Tensor, targets: &[i32]) ->
 }
 
 /// A model's loss on `batch` with the host-recomputed f64 value (see [`exact_loss`]).
-fn model_loss(tape: &mut Tape<'_, Cpu, f64>, m: &TinyLm<Cpu, f64>, batch: &Batch, seed: u64) -> Result<f64> {
+fn model_loss(
+    tape: &mut Tape<'_, Cpu, f64>,
+    m: &TinyLm<Cpu, f64>,
+    batch: &Batch,
+    seed: u64,
+) -> Result<f64> {
     let logits = m.forward(tape, &batch.tokens, &batch.lens, seed)?;
     exact_loss(tape, logits, &batch.targets)
 }
@@ -165,19 +211,37 @@ fn model_loss(tape: &mut Tape<'_, Cpu, f64>, m: &TinyLm<Cpu, f64>, batch: &Batch
 #[test]
 fn grad_embedding_linear_cross_entropy() {
     let mut p = base_params(&[("w", D, D)]);
-    grad_check(&mut p, &graph(|t, p, x| t.linear(p, x, p.id("w").unwrap(), None)), 1e-5, 1e-6, 1e-9);
+    grad_check(
+        &mut p,
+        &graph(|t, p, x| t.linear(p, x, p.id("w").unwrap(), None)),
+        1e-5,
+        1e-6,
+        1e-9,
+    );
 }
 
 #[test]
 fn grad_rmsnorm() {
     let mut p = base_params(&[("norm", 1, D)]);
-    grad_check(&mut p, &graph(|t, p, x| t.rmsnorm(p, x, p.id("norm").unwrap(), 1e-5)), 1e-5, 1e-6, 1e-9);
+    grad_check(
+        &mut p,
+        &graph(|t, p, x| t.rmsnorm(p, x, p.id("norm").unwrap(), 1e-5)),
+        1e-5,
+        1e-6,
+        1e-9,
+    );
 }
 
 #[test]
 fn grad_rope() {
     let mut p = base_params(&[]);
-    grad_check(&mut p, &graph(|t, _, x| t.rope(x, 2, 10_000.0)), 1e-5, 1e-6, 1e-9);
+    grad_check(
+        &mut p,
+        &graph(|t, _, x| t.rope(x, 2, 10_000.0)),
+        1e-5,
+        1e-6,
+        1e-9,
+    );
 }
 
 #[test]
@@ -219,7 +283,11 @@ fn grad_lora_linear_with_dropout() {
             b: p.id("b").unwrap(),
             rank: 4,
             scale: 2.0,
-            dropout: Dropout { p: 0.3, seed: 7, offset: 11 },
+            dropout: Dropout {
+                p: 0.3,
+                seed: 7,
+                offset: 11,
+            },
         };
         t.linear(p, x, p.id("w").unwrap(), Some(link))
     });
@@ -257,7 +325,14 @@ fn grad_whole_model_pretraining() {
     let b = Cpu;
     let mut m = TinyLm::<Cpu, f64>::new(&b, tiny_config(), 5).unwrap();
     let batch = tiny_batch();
-    grad_check_on(&mut m, |m| &mut m.params, |tape, m| model_loss(tape, m, &batch, 0), 1e-5, SAVED_F32_TOL, 1e-9);
+    grad_check_on(
+        &mut m,
+        |m| &mut m.params,
+        |tape, m| model_loss(tape, m, &batch, 0),
+        1e-5,
+        SAVED_F32_TOL,
+        1e-9,
+    );
 }
 
 #[test]
@@ -265,9 +340,17 @@ fn grad_whole_model_lora_all_projections() {
     let b = Cpu;
     let mut m = TinyLm::<Cpu, f64>::new(&b, tiny_config(), 5).unwrap();
     let lora = LoraConfig {
-        target_modules: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-            .map(String::from)
-            .to_vec(),
+        target_modules: [
+            "q_proj",
+            "k_proj",
+            "v_proj",
+            "o_proj",
+            "gate_proj",
+            "up_proj",
+            "down_proj",
+        ]
+        .map(String::from)
+        .to_vec(),
         r: 4,
         lora_alpha: 8.0,
         lora_dropout: 0.2,
@@ -283,34 +366,18 @@ fn grad_whole_model_lora_all_projections() {
         .collect();
     assert_eq!(names.len(), 14);
     for (i, (name, n)) in names.iter().enumerate() {
-        m.set_param(&b, name, &random(40 + i as u64, *n, 0.2)).unwrap();
+        m.set_param(&b, name, &random(40 + i as u64, *n, 0.2))
+            .unwrap();
     }
     let batch = tiny_batch();
-    grad_check_on(&mut m, |m| &mut m.params, |tape, m| model_loss(tape, m, &batch, 3), 1e-3, 2e-3, 2e-5);
-}
-
-fn small_demo_config() -> DemoConfig {
-    let mut c = DemoConfig::reduced();
-    c.model.n_layers = 2;
-    c
-}
-
-/// Losses of `steps` training steps of a fresh model on backend `b` (pretraining, then with an
-/// adapter with dropout), same data for every backend.
-fn losses_on<B: Backend>(b: &B, steps: usize) -> Vec<f64> {
-    let c = small_demo_config();
-    let mut m = TinyLm::<B, f32>::new(b, c.model, 3).unwrap();
-    let mut out = Vec::new();
-    for phase in 0..2 {
-        if phase == 1 {
-            m.attach_lora(b, c.lora.clone(), 4).unwrap();
-        }
-        for s in 0..steps {
-            let batch = make_batch(&[Task::Copy, Task::Reverse], 3, 3, &mut SplitMix::new(step_seed(phase, s)));
-            out.push(demo::train_step(b, &mut m, &batch, &demo::adamw(1e-2), step_seed(phase + 7, s)).unwrap());
-        }
-    }
-    out
+    grad_check_on(
+        &mut m,
+        |m| &mut m.params,
+        |tape, m| model_loss(tape, m, &batch, 3),
+        1e-3,
+        2e-3,
+        2e-5,
+    );
 }
 
 #[test]
@@ -322,7 +389,10 @@ fn emu_training_matches_cpu() {
     let cpu = losses_on(&Cpu, 3);
     let emu = losses_on(&Emu, 3);
     for (i, (c, e)) in cpu.iter().zip(&emu).enumerate() {
-        assert!((c - e).abs() <= 1e-4 * c.abs(), "step {i}: cpu {c} vs emu {e}");
+        assert!(
+            (c - e).abs() <= 1e-4 * c.abs(),
+            "step {i}: cpu {c} vs emu {e}"
+        );
     }
 }
 
@@ -331,7 +401,10 @@ fn same_seed_same_losses() {
     assert_eq!(losses_on(&Cpu, 2), losses_on(&Cpu, 2));
     let a = losses_on(&Emu, 2);
     let b = losses_on(&Emu, 2);
-    assert_eq!(a.iter().map(|v| v.to_bits()).collect::<Vec<_>>(), b.iter().map(|v| v.to_bits()).collect::<Vec<_>>());
+    assert_eq!(
+        a.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+        b.iter().map(|v| v.to_bits()).collect::<Vec<_>>()
+    );
 }
 
 #[test]
@@ -341,7 +414,12 @@ fn checkpoint_resumes_bit_for_bit() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("ckpt.safetensors");
     let step = |m: &mut TinyLm<Cpu, f32>, s: usize| {
-        let batch = make_batch(&[Task::Copy, Task::Swap], 3, 3, &mut SplitMix::new(step_seed(1, s)));
+        let batch = make_batch(
+            &[Task::Copy, Task::Swap],
+            3,
+            3,
+            &mut SplitMix::new(step_seed(1, s)),
+        );
         demo::train_step(&b, m, &batch, &demo::adamw(1e-2), step_seed(2, s)).unwrap()
     };
     for with_adapter in [false, true] {
@@ -368,66 +446,6 @@ fn checkpoint_resumes_bit_for_bit() {
     }
 }
 
-/// Greedy continuation by recomputing the whole sequence each step through the training forward
-/// (no KV cache), the reference for the engine's decode.
-fn greedy_by_recompute<B: Backend>(b: &B, m: &TinyLm<B, f32>, prompt: &[i32], n: usize) -> Vec<i32> {
-    let mut seq = prompt.to_vec();
-    let vocab = m.cfg.vocab;
-    for _ in 0..n {
-        let mut tape = Tape::no_grad(b).unwrap();
-        let logits = m.forward(&mut tape, &seq, &[seq.len()], 0).unwrap();
-        let host = tape.to_host(logits).unwrap();
-        let last = &host[(seq.len() - 1) * vocab..seq.len() * vocab];
-        let mut best = 0;
-        for (i, &v) in last.iter().enumerate() {
-            if v > last[best] {
-                best = i;
-            }
-        }
-        seq.push(best as i32);
-    }
-    seq[prompt.len()..].to_vec()
-}
-
-fn serving_matches_training_forward<B: Backend + 'static>(b: &B) {
-    let c = small_demo_config();
-    let mut m = TinyLm::<B, f32>::new(b, c.model, 3).unwrap();
-    // Train the adapter a little so that B is not zero, export it, reattach nothing.
-    m.attach_lora(b, c.lora.clone(), 4).unwrap();
-    for s in 0..2 {
-        let batch = make_batch(&[Task::Reverse], 3, 3, &mut SplitMix::new(step_seed(5, s)));
-        demo::train_step(b, &mut m, &batch, &demo::adamw(3e-2), step_seed(6, s)).unwrap();
-    }
-    let peft = m.export_peft(b).unwrap();
-    let prompts: Vec<Vec<i32>> = vec![vec![1, 5, 20, 21, 22, 2], vec![1, 3, 9, 2], vec![1, 6, 30, 31, 40, 41, 42, 2]];
-    // Reference continuations: the training forward with the adapter (dropout is off in no_grad).
-    let with: Vec<Vec<i32>> = prompts.iter().map(|p| greedy_by_recompute(b, &m, p, 4)).collect();
-    m.detach_lora();
-    let without: Vec<Vec<i32>> = prompts.iter().map(|p| greedy_by_recompute(b, &m, p, 4)).collect();
-
-    let mut registry = AdapterRegistry::<B, f32>::new(b, registry_layers(&c.model), 2, c.lora.r).unwrap();
-    let id = registry.add(b, "a", &peft).unwrap();
-    let requests: Vec<Request> = prompts
-        .iter()
-        .flat_map(|p| [Request { prompt: p.clone(), adapter: Some(id) }, Request { prompt: p.clone(), adapter: None }])
-        .collect();
-    let engine = Engine::new(&m);
-    let g = engine.generate(b, Some(&registry), &requests, 4).unwrap();
-    for (i, p) in prompts.iter().enumerate() {
-        assert_eq!(g.tokens[2 * i], with[i], "prompt {p:?} with the adapter");
-        assert_eq!(g.tokens[2 * i + 1], without[i], "prompt {p:?} without");
-    }
-    // Merged weights serve the same logits as the unmerged adapter.
-    let only: Vec<Request> = prompts.iter().map(|p| Request { prompt: p.clone(), adapter: Some(id) }).collect();
-    let unmerged = engine.generate(b, Some(&registry), &only, 1).unwrap().prefill_logits;
-    let plain: Vec<Request> = prompts.iter().map(|p| Request { prompt: p.clone(), adapter: None }).collect();
-    let merged = Engine::merged(b, &m, &peft).unwrap().generate(b, None, &plain, 1).unwrap().prefill_logits;
-    let scale = unmerged.iter().fold(0f32, |a, v| a.max(v.abs()));
-    for (u, v) in unmerged.iter().zip(&merged) {
-        assert!((u - v).abs() <= 1e-4 * scale, "merged {v} vs unmerged {u}");
-    }
-}
-
 #[test]
 fn serving_matches_training_forward_cpu() {
     serving_matches_training_forward(&Cpu);
@@ -448,13 +466,29 @@ fn reduced_demo_on_emu() {
     assert_eq!(report.adapters.len(), 3);
     for a in &report.adapters {
         assert!((0.0..=1.0).contains(&a.accuracy) && (0.0..=1.0).contains(&a.base_accuracy));
-        assert!(dir.path().join(&a.name).join("adapter_model.safetensors").exists());
+        assert!(dir
+            .path()
+            .join(&a.name)
+            .join("adapter_model.safetensors")
+            .exists());
     }
-    assert!(report.merged_max_rel_diff <= 1e-2, "{}", report.merged_max_rel_diff);
+    assert!(
+        report.merged_max_rel_diff <= 1e-2,
+        "{}",
+        report.merged_max_rel_diff
+    );
     assert!(report.train_tokens_per_s > 0.0 && report.serve_tokens_per_s > 0.0);
     assert!(report.pretrain_losses.iter().all(|l| l.is_finite()));
-    let json: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(dir.path().join("report.json")).unwrap()).unwrap();
-    for key in ["backend", "adapters", "merged_max_rel_diff", "train_tokens_per_s", "serve_tokens_per_s"] {
+    let json: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.path().join("report.json")).unwrap())
+            .unwrap();
+    for key in [
+        "backend",
+        "adapters",
+        "merged_max_rel_diff",
+        "train_tokens_per_s",
+        "serve_tokens_per_s",
+    ] {
         assert!(json.get(key).is_some(), "report.json lacks {key}");
     }
 }

@@ -189,7 +189,7 @@ fn emu_matches_cpu_at_odd_sizes() {
 }
 
 proptest! {
-    #![proptest_config(proptest_config(24))]
+    #![proptest_config(proptest_config(64))]
 
     #[test]
     fn emu_matches_cpu_proptest(n in prop_oneof![1usize..40, 1usize..2000], seed in any::<u64>(), dtype in 0..3) {

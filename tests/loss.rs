@@ -333,6 +333,13 @@ fn emu_matches_cpu_odd_vocabs_f32() {
     check_ce::<f32>(1, 17, 3, false);
 }
 
+/// Llama-2 (32000) and Llama-3 (128256) vocabularies.
+#[test]
+fn emu_matches_cpu_llama_vocabs() {
+    check_ce::<f32>(3, 32000, 61, true);
+    check_ce::<bf16>(2, 128_256, 62, false);
+}
+
 #[test]
 fn emu_matches_cpu_odd_vocabs_f16_bf16() {
     for (i, &vocab) in [1usize, 3, 17, 127, 4097].iter().enumerate() {

@@ -49,5 +49,6 @@ pub fn dot_tolerance(n: usize, chains: usize, levels: usize, abs_sum: f64) -> f6
     let steps = n.div_ceil(chains.max(1)) + levels + 1;
     1.01 * steps as f64 * f64::powi(2.0, -24) * abs_sum + f64::MIN_POSITIVE
 }
+pub mod block;
 pub mod selftest;
 pub mod serving;

@@ -8,6 +8,7 @@ mod elementwise;
 mod embedding;
 mod gemm;
 mod loss;
+mod model;
 mod norm;
 mod optim;
 mod rope;
@@ -22,6 +23,7 @@ pub fn tests() -> impl Iterator<Item = (&'static str, GpuTest)> {
         rope::TESTS,
         elementwise::TESTS,
         loss::TESTS,
+        model::TESTS,
         optim::TESTS,
     ];
     families.iter().flat_map(|f| f.iter().copied())
