@@ -247,6 +247,7 @@ impl<B: Backend, T: Float> Params<B, T> {
 
     /// Everything training state consists of: values, moments and the step, as named host tensors
     /// of f64 (exact for every element type), for a checkpoint that resumes bit for bit.
+    #[allow(clippy::type_complexity)]
     pub fn state(&self, b: &B) -> Result<(u32, Vec<(String, Vec<f64>)>)> {
         let mut out = Vec::new();
         for p in &self.list {
@@ -388,6 +389,7 @@ pub struct Tape<'a, B: Backend, T: Float> {
     /// The device fault word the kernels OR bad indices into (checked by [`Tape::check_faults`]).
     fault: B::Buffer<u32>,
     /// The loss node: (logits, targets, lse, rows counted in the mean).
+    #[allow(clippy::type_complexity)]
     loss: Option<(Tensor, B::Buffer<i32>, B::Buffer<f32>, usize)>,
 }
 

@@ -341,6 +341,7 @@ pub fn step_seed(seed: u64, step: usize) -> u64 {
 }
 
 /// Trains `model`'s trainable parameters on `tasks` for `steps` steps; returns the losses.
+#[allow(clippy::too_many_arguments)]
 pub fn train<B: Backend>(
     b: &B,
     model: &mut TinyLm<B, f32>,

@@ -25,6 +25,7 @@ fn random(seed: u64, n: usize, bound: f64) -> Vec<f64> {
 /// to ~1e-7 relative (truncation O(h²) with h = 1e-5, rounding ~1e-16/h); graphs with LoRA carry
 /// the kernels' f32 `u` (relative 2⁻²⁴), whose rounding noise in the loss (~1e-8) divided by h =
 /// 1e-3 bounds the difference by ~1e-5 absolute.
+#[allow(clippy::type_complexity)]
 fn grad_check(
     params: &mut P,
     loss: &dyn Fn(&mut Tape<'_, Cpu, f64>, &P) -> Result<f64>,
