@@ -17,6 +17,19 @@ out=$(mkdir -p "${2:?out dir}" && cd "$2" && pwd)
 start=$(date +%s)
 steps_json=""
 
+# The kit's binaries are gzipped (scripts/gpu-kit-build.sh): unpack them outside OUT_DIR.
+bin=$(mktemp -d)
+trap 'rm -rf "$bin"' EXIT
+for name in gpu bench-kernels; do
+  if [ -f "$kit/$name.gz" ]; then
+    gzip -dc "$kit/$name.gz" >"$bin/$name" && chmod +x "$bin/$name"
+  elif [ -f "$kit/$name" ]; then
+    cp "$kit/$name" "$bin/$name"
+  else
+    echo "kit has no $name" >&2
+  fi
+done
+
 # cuBLAS (benchmark baselines) comes from the Python nvidia-cublas package on that machine.
 cublas_dirs=$(python3 - <<'PY' 2>/dev/null
 import glob, os, site
@@ -42,16 +55,16 @@ step() { # name budget_s command...
 }
 
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader >"$out/gpu.txt" 2>&1 || true
-step smoke 20 "$kit/gpu" --exact shrink_dense_f32_matches_cpu
-step tests 80 "$kit/gpu" --test-threads 1
+step smoke 20 "$bin/gpu" --exact shrink_dense_f32_matches_cpu
+step tests 80 "$bin/gpu" --test-threads 1
 if command -v compute-sanitizer >/dev/null; then
-  step sanitizer 40 compute-sanitizer --tool memcheck --error-exitcode 99 "$kit/gpu" --test-threads 1 shrink_dense
+  step sanitizer 40 compute-sanitizer --tool memcheck --error-exitcode 99 "$bin/gpu" --test-threads 1 shrink_dense
 else
   echo "compute-sanitizer not found" >"$out/sanitizer.log"
 fi
 export CRITERION_HOME="$out/criterion" LK_BENCH_ONLY_CUDA=1
 # One binary, 230 s: 0.1 s warm-up, 0.3 s measurement, 10 samples, light bootstrap.
-step bench 230 "$kit/bench-kernels" --bench --noplot --warm-up-time 0.1 --measurement-time 0.3 \
+step bench 230 "$bin/bench-kernels" --bench --noplot --warm-up-time 0.1 --measurement-time 0.3 \
   --nresamples 2000 ${LK_KIT_BENCH_FILTER:+"$LK_KIT_BENCH_FILTER"}
 
 python3 - "$kit" "$out" "[${steps_json%,}]" <<'PY'

@@ -392,6 +392,11 @@ impl Group<'_, '_> {
             return;
         }
         self.g.throughput(case.throughput());
+        if self.ctx.filter.list {
+            // `--list`: criterion only prints the id; run nothing.
+            self.g.bench_function(name, |bench| bench.iter(|| ()));
+            return;
+        }
         #[cfg(feature = "cuda")]
         if b.name() == "cuda" {
             if let Some(gpu) = &self.ctx.gpu {
