@@ -369,6 +369,10 @@ fn train<B: Backend>(c: &mut Criterion, ctx: &Ctx, b: &B, cfg: TrainCfg) {
     if !grp.selected(&name) && !ctx.filter.selects(&mem_id) {
         return;
     }
+    if ctx.filter.list {
+        grp.run(b, &name, &Case::default(), 1, |_| Ok(()));
+        return;
+    }
     let m = cfg.model;
     let mut model = match TinyLm::<B, f32>::new(b, m, 1) {
         Ok(x) => x,
