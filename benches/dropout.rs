@@ -1,65 +1,98 @@
-//! Fused dropout-shrink vs plain shrink (the target: ≤ 5 % overhead on the GPU), and the standalone
-//! dropout forward. Bytes = x + A + u for the shrinks, x + y for the standalone kernel.
+//! Fused Philox dropout: the training shrink `u = drop(x) · Aᵀ` (mask regenerated while loading x,
+//! no mask and no x̂ stored) against the plain shrink at the same shape — the overhead of the RNG
+//! (target on the GPU: ≤ 5 %) — and the standalone dropout forward/backward (bytes = x + y).
+//! The SGMV form (per-slice streams) is in `sgmv.rs` (`shrink_dropout_p0.1/…`).
+//!
+//! GPU: d_in 4096, rank 16, 256–8192 tokens. cpu / emu: 8 tokens, d_in 1024.
 
-use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
-use lora_kernels::dropout::{dropout_forward, shrink_dense_dropout, Dropout, DropoutShape};
+use criterion::Criterion;
+use lora_kernels::dropout::{
+    dropout_backward, dropout_forward, shrink_dense_dropout, Dropout, DropoutShape,
+};
 use lora_kernels::shrink::{shrink_dense, ShrinkDense};
 use lora_kernels::{f16, Backend, Cpu, Emu};
 
-fn bench_on<B: Backend>(c: &mut Criterion, b: &B, tokens: usize, d_in: usize, rank: usize) {
-    let s = ShrinkDense::new(tokens, d_in, rank);
-    let x = b.upload(&vec![f16::from_f32(0.5); tokens * d_in]).unwrap();
-    let a = b.upload(&vec![f16::from_f32(0.25); rank * d_in]).unwrap();
-    let mut u = b.alloc::<f32>(tokens * rank).unwrap();
-    let mut y = b.alloc::<f16>(tokens * d_in).unwrap();
-    let drop = Dropout::new(0.1, 42, 7).unwrap();
-    let id = format!("t{tokens}_d{d_in}_r{rank}");
-    let mut group = c.benchmark_group(format!("dropout_f16/{}", b.name()));
-    group.throughput(Throughput::Bytes(
-        ((tokens * d_in + rank * d_in) * 2 + tokens * rank * 4) as u64,
-    ));
-    group.bench_function(BenchmarkId::new("shrink_plain", &id), |bench| {
-        bench.iter(|| {
-            shrink_dense(b, &x, &a, &mut u, &s).unwrap();
-            b.synchronize().unwrap();
-        })
-    });
-    group.bench_function(
-        BenchmarkId::new("shrink_fused_dropout_p0.1", &id),
-        |bench| {
-            bench.iter(|| {
-                shrink_dense_dropout(b, &drop, &x, &a, &mut u, &s, 0).unwrap();
-                b.synchronize().unwrap();
-            })
-        },
-    );
-    group.throughput(Throughput::Bytes((2 * tokens * d_in * 2) as u64));
-    group.bench_function(BenchmarkId::new("forward_p0.1", &id), |bench| {
-        bench.iter(|| {
-            dropout_forward(b, &drop, &x, &mut y, &DropoutShape::new(tokens, d_in)).unwrap();
-            b.synchronize().unwrap();
-        })
-    });
-    group.finish();
-}
+use crate::common::{replicas, zeroed, Case, Compute, Ctx};
 
-fn benches(c: &mut Criterion) {
-    if std::env::var("LK_BENCH_ONLY_CUDA").map_or(true, |v| v != "1") {
-        bench_on(c, &Cpu, 8, 1024, 16);
-        bench_on(c, &Emu, 8, 1024, 16);
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+const GPU: &[(usize, usize, usize)] = &[(256, 4096, 16), (4096, 4096, 16), (8192, 4096, 16)];
+const HOST: &[(usize, usize, usize)] = &[(8, 1024, 16)];
+
+pub fn bench(c: &mut Criterion, ctx: &Ctx) {
+    if ctx.host {
+        on(c, ctx, &Cpu, HOST);
+        on(c, ctx, &Emu, HOST);
     }
     #[cfg(feature = "cuda")]
-    match lora_kernels::Cuda::new(0) {
-        Ok(dev) => bench_on(c, &dev, 4096, 4096, 16),
-        Err(e) => {
-            eprintln!("dropout bench: {e}: GPU figures need `--features cuda` and a CUDA device")
-        }
+    if let Some(g) = &ctx.gpu {
+        on(c, ctx, &g.dev, GPU);
     }
-    #[cfg(not(feature = "cuda"))]
-    eprintln!(
-        "dropout bench: built without `--features cuda`: GPU figures need it and a CUDA device"
-    );
+    ctx.say_no_gpu("dropout");
 }
 
-criterion_group!(name = group; config = Criterion::default().sample_size(10); targets = benches);
-criterion_main!(group);
+fn on<B: Backend>(c: &mut Criterion, ctx: &Ctx, b: &B, shapes: &[(usize, usize, usize)]) {
+    let mut grp = ctx.group(c, format!("dropout/{}", b.name()));
+    let drop = Dropout::new(0.1, 42, 7).expect("p = 0.1");
+    for &(t, d, r) in shapes {
+        let tag = format!("t{t}_d{d}_r{r}");
+        let names = [
+            "shrink_plain",
+            "shrink_fused_p0.1",
+            "forward_p0.1",
+            "backward_p0.1",
+        ]
+        .map(|n| format!("{n}/{tag}"));
+        if !names.iter().any(|n| grp.selected(n)) {
+            continue;
+        }
+        let s = ShrinkDense::new(t, d, r);
+        let by = crate::shrink::bytes(t, d, r);
+        let n = ctx.sets(b, by);
+        let x = replicas::<B, f16>(b, n, t * d, 1, 1.0).expect("x");
+        let a = replicas::<B, f16>(b, n, r * d, 2, 0.01).expect("A");
+        let mut u = zeroed::<B, f32>(b, n, t * r).expect("u");
+        let case = Case::bytes(by).flops((2 * t * d * r) as u64, Compute::Fma);
+        grp.run(b, &names[0], &case, n, |i| {
+            shrink_dense(b, &x[i], &a[i], &mut u[i], &s)?;
+            Ok(())
+        });
+        let fused = case.clone().vs(
+            grp.id(&names[0]),
+            "fused dropout (p = 0.1) over the plain shrink",
+            "overhead",
+        );
+        grp.run(b, &names[1], &fused, n, |i| {
+            shrink_dense_dropout(b, &drop, &x[i], &a[i], &mut u[i], &s, 0)?;
+            Ok(())
+        });
+        drop_standalone(&mut grp, ctx, b, &names[2..], t, d, &drop);
+    }
+    grp.finish();
+}
+
+fn drop_standalone<B: Backend>(
+    grp: &mut crate::common::Group<'_, '_>,
+    ctx: &Ctx,
+    b: &B,
+    names: &[String],
+    t: usize,
+    d: usize,
+    drop: &Dropout,
+) {
+    if !names.iter().any(|n| grp.selected(n)) {
+        return;
+    }
+    let by = (2 * t * d * 2) as u64;
+    let n = ctx.sets(b, by);
+    let x = replicas::<B, f16>(b, n, t * d, 5, 1.0).expect("x");
+    let mut y = zeroed::<B, f16>(b, n, t * d).expect("y");
+    let shape = DropoutShape::new(t, d);
+    grp.run(b, &names[0], &Case::bytes(by), n, |i| {
+        dropout_forward(b, drop, &x[i], &mut y[i], &shape)?;
+        Ok(())
+    });
+    grp.run(b, &names[1], &Case::bytes(by), n, |i| {
+        dropout_backward(b, drop, &x[i], &mut y[i], &shape)?;
+        Ok(())
+    });
+}

@@ -2,7 +2,8 @@
 //! crate's kernels.
 //!
 //! **Block.** `x → RMSNorm → attention (q, k, v, o; RoPE on q and k; causal; grouped KV heads)
-//! → + x → RMSNorm → SwiGLU MLP (gate, up, down) → + …`, then a final RMSNorm and an untied LM head.
+//! → + x → RMSNorm → SwiGLU MLP (gate, up, down) → + …`, then a final RMSNorm and an untied LM
+//! head.
 //! Weights are named as Hugging Face's `LlamaForCausalLM` names them
 //! (`model.layers.{i}.self_attn.q_proj`, `model.layers.{i}.mlp.gate_proj`, …), so adapters saved
 //! from it are ordinary PEFT adapters.
