@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
 # GPU kit, step (b): run on a GPU machine without a Rust toolchain (H200, CUDA 13.0 driver).
 # Usage: bash run.sh KIT_DIR OUT_DIR
-# A fixed sequence, each step with its own time budget (6.5 minutes in all), so a failed run can be
+# A fixed sequence, each step with its own time budget (7.5 minutes in all), so a failed run can be
 # fixed and rerun within the 15 minutes a machine is lent:
 #   1. smoke     20 s  device found, one kernel right
-#   2. tests     80 s  every GPU test (incl. the emulator golden test)
+#   2. tests    150 s  every GPU test (~110 trials incl. the emulator golden test)
 #   3. sanitizer 40 s  compute-sanitizer memcheck on a subset
 #   4. bench    230 s  the one criterion binary (GPU cases only): ceilings first, then every family,
 #                      most important first, short criterion windows; a run cut short keeps what
@@ -56,7 +56,7 @@ step() { # name budget_s command...
 
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader >"$out/gpu.txt" 2>&1 || true
 step smoke 20 "$bin/gpu" --exact shrink_dense_f32_matches_cpu
-step tests 80 "$bin/gpu" --test-threads 1
+step tests 150 "$bin/gpu" --test-threads 1
 if command -v compute-sanitizer >/dev/null; then
   step sanitizer 40 compute-sanitizer --tool memcheck --error-exitcode 99 "$bin/gpu" --test-threads 1 shrink_dense
 else
