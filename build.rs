@@ -2,7 +2,8 @@
 //!
 //! - `liblora_kernels_emu.a`: every `cuda/*.cu` (kernels + launchers) and the SIMT emulator runtime
 //!   `cuda/emu/*.cpp`, compiled by the host C++ compiler with `-DLK_BACKEND_EMU`. Always built.
-//!   `LK_EMU_SANITIZE=address` builds it (and links the test binaries) with AddressSanitizer.
+//!   `LK_EMU_SANITIZE=address` builds it (and links the test binaries) with AddressSanitizer and UBSan's
+//!   alignment check (a misaligned access faults on a GPU, so the emulator must refuse it too).
 //! - `liblora_kernels_cuda.a` (feature `cuda`): the same `cuda/*.cu` compiled by nvcc with
 //!   `-DLK_BACKEND_CUDA` (sm_80 + sm_90 SASS, compute_90 PTX; `LK_CUDA_ARCHS=90` narrows it), linked
 //!   with `cudart_static`. The ptxas report (`-Xptxas -v`) is kept beside it for the spill gate.
@@ -183,7 +184,17 @@ fn build_emu(
     .map(|s| s.to_string())
     .collect();
     if asan {
-        flags.extend(["-fsanitize=address", "-fno-omit-frame-pointer"].map(String::from));
+        // AddressSanitizer, plus UBSan's alignment check: on x86 a misaligned vector or scalar
+        // access just works, on a GPU it is a fault (misaligned address), so the emulator must
+        // refuse it too.
+        flags.extend(
+            [
+                "-fsanitize=address,alignment",
+                "-fno-sanitize-recover=alignment",
+                "-fno-omit-frame-pointer",
+            ]
+            .map(String::from),
+        );
     }
     let mut key = flags.clone();
     key.push(tool_version(probe.path()));
@@ -223,6 +234,7 @@ fn build_emu(
         // rustc links with -nodefaultlibs, so -fsanitize=address alone would not pull the runtime in;
         // named before libstdc++ so that it comes first among the shared libraries.
         println!("cargo:rustc-link-lib=dylib=asan");
+        println!("cargo:rustc-link-lib=dylib=ubsan");
     }
     link_libstdcxx();
     println!("cargo:rustc-env=LK_EMU_LIB_DIR={}", dir.display());

@@ -372,4 +372,26 @@ extern "C" int LK_SYMBOL(selftest_bug_off_by_one)(const LkSelftestBugParams* p, 
                 p->x, p->out, p->n);
 }
 
+/* A 16-byte vector, as the kernels' packed loads use. */
+struct alignas(16) SelftestVec4 {
+  float v[4];
+};
+
+/* out[i] = sum of the vector at x + 1 + 4i: every load is 4 bytes past a 16-byte boundary (x itself
+ * is 16-byte aligned). */
+__global__ void selftest_bug_misaligned_vector_kernel(const float* __restrict__ x, float* __restrict__ out, int n) {
+  const int i = static_cast<int>(blockIdx.x * blockDim.x + threadIdx.x);
+  if (i < n / 4 - 1) {
+    const SelftestVec4 q = *reinterpret_cast<const SelftestVec4*>(x + 1 + 4 * i);
+    out[i] = q.v[0] + q.v[1] + q.v[2] + q.v[3];
+  }
+}
+
+extern "C" int LK_SYMBOL(selftest_bug_misaligned_vector)(const LkSelftestBugParams* p, void* stream) {
+  if (int e = selftest_bug_check(p, "selftest_bug_misaligned_vector")) return e;
+  if (p->n < 8) return 0;
+  return launch(selftest_bug_misaligned_vector_kernel, dim3(static_cast<unsigned>((p->n / 4 + 127) / 128)), dim3(128), 0,
+                stream, p->x, p->out, p->n);
+}
+
 LK_NAMESPACE_END

@@ -26,6 +26,9 @@
  *   selftest_bug_missing_cp_async_wait  cp.async into shared memory read without cp_async_wait: reads
  *                       poison, then LK_ERR_EMU_ASYNC_COPY at thread exit.
  *   selftest_bug_off_by_one       out[i] = x[i] + x[i+1] for i < n: reads x[n] (AddressSanitizer's report).
+ *   selftest_bug_misaligned_vector out[i] = sum of the 16-byte vector at x + 1 + 4i (i < n/4 - 1): a
+ *                       vector load 4 bytes off its 16-byte alignment, a fault on a GPU; UBSan's
+ *                       alignment check reports it in the sanitizer build. Never launch it on a GPU.
  */
 #ifndef LK_SELFTEST_H
 #define LK_SELFTEST_H
@@ -104,7 +107,8 @@ typedef struct LkSelftestLaunchConfigParams {
   X(selftest_bug_divergent_shuffle, LkSelftestBugParams)          \
   X(selftest_bug_barrier_sites, LkSelftestBugParams)              \
   X(selftest_bug_missing_cp_async_wait, LkSelftestBugParams)      \
-  X(selftest_bug_off_by_one, LkSelftestBugParams)
+  X(selftest_bug_off_by_one, LkSelftestBugParams)                 \
+  X(selftest_bug_misaligned_vector, LkSelftestBugParams)
 
 #define LK_DECLARE_CUDA_SELFTEST(name, params) int lk_cuda_##name(const params* p, void* stream);
 #define LK_DECLARE_EMU_SELFTEST(name, params) int lk_emu_##name(const params* p, void* stream);
