@@ -19,7 +19,9 @@
  * Forward: each thread keeps an online (max m, Σ exp(x − m) s) over its chunks — per chunk the
  * chunk max first (one rescale s·exp(m_old − m_new) at most), then exp(x − m) per element — so
  * the logits are read exactly once. The G partial pairs are combined by a fixed xor-butterfly
- * (combine((m1,s1),(m2,s2)) = (max, s1·e^(m1−M) + s2·e^(m2−M)), commutative bit for bit) within
+ * (combine((m1,s1),(m2,s2)) = (max, s1·e^(m1−M) + s2·e^(m2−M)); commutative bit for bit as written,
+ * but nvcc's default FMA contraction may make the two lanes of a pair differ in the last bit — lane
+ * 0's result is deterministic either way) within
  * each warp, then (G = 512) warp 0 combines the 16 warp results the same way. lse = m + ln s.
  * argmax uses the same split with (value, index) pairs and the order "NaN > everything, then >,
  * ties to the smaller index" — exact, so every backend returns the same integers.

@@ -43,7 +43,8 @@ struct RopePack<T, 1> {
 /* sin and cos of an f32 angle (|angle| < 2^32), accurate to ~1e-16 before the rounding to f32 — i.e.
  * correctly rounded but for ties within 1e-16 — with no local memory (CUDA's sincosf keeps a
  * Payne–Hanek slow path in local memory for |x| > 105615, which the zero-stack gate forbids) and the
- * same operations on both backends:
+ * same operations on both backends as written (nvcc contracts a·b + c into an FMA by default and g++
+ * does not, so the GPU may differ from the emulator in the last bit; its trials use tolerances):
  *   k = rint(a·2/π); r = a − k·π/2 with π/2 = P1 + P2 + P3 (30 + 30 + 53 bits) and fma: a − k·P1 is exact
  *   (a multiple of 2^-29 below 4 in magnitude), the other two steps err by ≤ 2^-54; then Taylor
  *   polynomials to r^19 / r^20 on |r| ≤ π/4 + ε (truncation < 1e-17) and the quadrant k mod 4. */
